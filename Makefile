@@ -1,0 +1,22 @@
+# The two commands of the README. Both create .venv (if needed) and install the project into it.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint bench-perf
+
+$(BIN)/bench: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(BIN)/bench
+
+demo: $(BIN)/bench        ## the quick suite over all three tasks: local executor, offline data, report at the end
+	$(BIN)/bench run experiments/grids/quick.yaml
+
+test: $(BIN)/bench        ## lint, then the whole test suite (SLURM tests run when the cluster is up)
+	$(BIN)/ruff check bench tricks experiments tests
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/bench
+	$(BIN)/ruff check bench tricks experiments tests
+	$(BIN)/ruff format --check bench tricks experiments tests

@@ -1,0 +1,122 @@
+"""The ``bench`` command. Run ``bench --help`` or ``bench <command> --help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.spec import SpecError
+
+DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "experiments" / "grids" / "quick.yaml"
+DEFAULT_RESULTS = Path("results")
+
+EPILOG = """\
+examples:
+  bench run                                   the quick suite over all three tasks (local, offline data, report)
+  bench run experiments/grids/cifar_quick.yaml --jobs 2
+  bench run my_grid.yaml --dry-run            validate and list the runs, train nothing
+  bench status results/quick                  done / partial / failed runs of a grid
+  bench report results/quick                  (re)write report.md and report.html
+  bench list                                  tricks, tasks and which tricks apply to which task
+  bench check                                 regression check against results/baselines/
+
+A grid spec is YAML: grid name, design (one_at_a_time | leave_one_out | full_factorial |
+fractional_factorial), seeds, and per task its params, train block and tricks. Results go
+to <results>/<grid>/runs/<run_id>/; re-running a command skips finished runs and resumes
+checkpointed ones. Exit status: 0 ok, 1 some runs failed, 2 invalid input, 130 interrupted.
+"""
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="train a grid (skips finished runs, resumes checkpointed ones)",
+        description="Validate a grid spec, then train every run that is not finished yet and write the report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "spec",
+        nargs="?",
+        default=str(DEFAULT_SPEC),
+        help="grid spec YAML (default: the quick suite, experiments/grids/quick.yaml)",
+    )
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root folder (default: ./results)")
+    p.add_argument(
+        "--executor",
+        choices=("local", "debug", "slurm"),
+        default="local",
+        help="local = process pool on this machine (default); debug = in-process, one run after another; "
+        "slurm = submitit job arrays (see --slurm-* options)",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=None, help="parallel runs for the local executor (default: one per core)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: 1; results are bit-identical only for equal thread counts)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs; train and write nothing")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument(
+        "--wandb",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirror runs to Weights & Biases (offline when no account); overrides the spec",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description="trickbench: does a training trick help, how much, how reliably, at what cost?",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    p = sub.add_parser("list", help="the tricks (with their cards) and tasks, and which tricks apply to which task")
+    p.add_argument("what", nargs="?", choices=("all", "tricks", "tasks", "matrix"), default="all")
+    p = sub.add_parser("status", help="counts and a per-run table of a grid: completed / partial / failed / pending")
+    p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
+    p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
+    p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            from bench.commands import cmd_run
+
+            return cmd_run(args)
+        if args.command == "list":
+            from bench.commands import cmd_list
+
+            return cmd_list(args.what)
+        if args.command == "status":
+            from bench.commands import cmd_status
+
+            return cmd_status(args.grid)
+        if args.command == "report":
+            from bench.commands import cmd_report
+
+            return cmd_report(args.grid)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the store is consistent — run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

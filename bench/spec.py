@@ -1,0 +1,391 @@
+"""Grid specs: YAML in, a validated :class:`GridSpec` out — or a :class:`SpecError` naming every problem.
+
+A spec is data, never code: it is read with a safe loader that also rejects duplicate keys,
+and every name in it (task, trick, design, option) is resolved through a registry.
+Validation runs completely before anything is written or submitted.
+
+Example::
+
+    grid: quick-cifar
+    design: one_at_a_time        # one_at_a_time | leave_one_out | full_factorial | fractional_factorial
+    seeds: 3                     # or an explicit list: [0, 1, 2]
+    tasks:
+      cifar_autoencoder:
+        params: {data: offline}
+        train: {budget_samples: 8192, batch_size: 64}
+        tricks:
+          ema: {half_life_samples: 1000}
+          no_weight_decay:       # empty = the card's (or the task's) defaults
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from experiments.registry import TASK_NAMES, get_task
+from tricks.card import Param, ParamError, did_you_mean, validate_params
+from tricks.registry import REGISTRY
+
+__all__ = ["DESIGNS", "TRAIN_PARAMS", "GridSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
+
+DESIGNS = ("one_at_a_time", "leave_one_out", "full_factorial", "fractional_factorial")
+GRID_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TOP_KEYS = ("grid", "description", "design", "seeds", "tasks", "wandb", "fraction")
+TASK_KEYS = ("task", "params", "train", "tricks")
+MAX_SEEDS = 1000
+
+#: the ``train`` block: how long and how a task trains (what-to-train; how-to-run is CLI flags)
+TRAIN_PARAMS: tuple[Param, ...] = (
+    Param("budget_samples", int, 8192, "training budget in samples (images, transitions, points)", "samples", low=1),
+    Param(
+        "batch_size",
+        int,
+        64,
+        "samples per optimizer step (split into micro-batches by accumulation)",
+        "samples",
+        low=1,
+        high=65536,
+    ),
+    Param("optimizer", str, "adamw", "optimizer", choices=("adamw", "sgd")),
+    Param("lr", float, 1e-3, "peak learning rate", low=0.0, high=10.0, low_open=True),
+    Param("momentum", float, 0.9, "SGD momentum / Adam beta1", low=0.0, high=1.0, high_open=True),
+    Param(
+        "weight_decay",
+        float,
+        1e-4,
+        "decoupled weight decay (zeroed for norms/biases by no_weight_decay)",
+        low=0.0,
+        high=1.0,
+    ),
+    Param(
+        "lr_schedule", str, "constant", "learning-rate schedule over the sample budget", choices=("constant", "cosine")
+    ),
+    Param("warmup_samples", int, 0, "linear learning-rate warmup", "samples", low=0),
+    Param(
+        "grad_clip_norm",
+        float,
+        None,
+        "clip the global gradient norm (null = no clipping)",
+        low=0.0,
+        low_open=True,
+        optional=True,
+    ),
+    Param("eval_every_samples", int, 2048, "evaluate every this many samples (and at the end)", "samples", low=1),
+    Param(
+        "checkpoint_every_samples", int, 2048, "checkpoint every this many samples (and at the end)", "samples", low=1
+    ),
+)
+TRAIN_MAP = {p.name: p for p in TRAIN_PARAMS}
+WANDB_PARAMS = {
+    p.name: p
+    for p in (
+        Param("enabled", bool, False, "mirror runs to Weights & Biases"),
+        Param("project", str, "trickbench", "wandb project"),
+        Param(
+            "mode",
+            str,
+            "auto",
+            "auto = online if an account is configured, else offline",
+            choices=("auto", "online", "offline"),
+        ),
+    )
+}
+
+
+class SpecError(ValueError):
+    """A grid spec is invalid. ``problems`` lists every problem found (field: value; allowed)."""
+
+    def __init__(self, problems: list[str], source: str = "spec") -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid grid {source} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task block of a grid, fully resolved (every default filled in)."""
+
+    label: str  # the key in the spec's ``tasks`` mapping (names the task in reports)
+    task: str  # the registered task it runs (= label unless the block says ``task: ...``)
+    params: dict[str, Any]
+    train: dict[str, Any]
+    tricks: dict[str, dict[str, Any]]  # trick name -> resolved parameters, in spec order
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A validated grid: what to train. Serialise with :meth:`to_dict` (stored as ``grid.yaml``)."""
+
+    grid: str
+    design: str
+    seeds: tuple[int, ...]
+    tasks: tuple[TaskSpec, ...]
+    description: str = ""
+    fraction: int = 0
+    wandb: dict[str, Any] = field(default_factory=lambda: validate_params(WANDB_PARAMS, {}, "wandb"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grid": self.grid,
+            "description": self.description,
+            "design": self.design,
+            **({"fraction": self.fraction} if self.design == "fractional_factorial" else {}),
+            "seeds": list(self.seeds),
+            "wandb": dict(self.wandb),
+            "tasks": {
+                t.label: ({"task": t.task} if t.task != t.label else {})
+                | {"params": t.params, "train": t.train, "tricks": t.tricks}
+                for t in self.tasks
+            },
+        }
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate mapping keys instead of keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_spec(path: str | Path) -> GridSpec:
+    """Read and validate a YAML grid spec. Raises :class:`SpecError`; writes nothing."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"spec file {str(path)!r} does not exist (give a path to a .yaml grid spec)"], str(path))
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise SpecError([f"not valid YAML: {exc}"], str(path)) from None
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: Any, source: str = "spec") -> GridSpec:
+    """Validate an already-parsed spec (a dict). Collects all problems before raising."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError(
+            [f"(top level): {type(data).__name__} given; allowed: a mapping with keys {', '.join(TOP_KEYS)}"], source
+        )
+    for key in data:
+        if key not in TOP_KEYS:
+            hint = did_you_mean(str(key), TOP_KEYS)
+            problems.append(f"{key}: unknown key; allowed: {', '.join(TOP_KEYS)}" + (f" ({hint})" if hint else ""))
+
+    grid = data.get("grid")
+    if not isinstance(grid, str) or not GRID_NAME.match(grid):
+        problems.append(
+            f"grid: {grid!r} is not allowed; allowed: a name of lower-case letters, digits, '_', '-', '.' "
+            "(1-64 characters, starting with a letter or digit) — it names the results folder"
+        )
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"description: {description!r} is not allowed; allowed: a string")
+
+    design = data.get("design", "one_at_a_time")
+    if design not in DESIGNS:
+        hint = did_you_mean(str(design), DESIGNS)
+        problems.append(
+            f"design: {design!r} is not allowed; allowed: one of {', '.join(DESIGNS)}" + (f" ({hint})" if hint else "")
+        )
+
+    seeds = _parse_seeds(data.get("seeds", 3), problems)
+    fraction = data.get("fraction", 0)
+    if design == "fractional_factorial":
+        if isinstance(fraction, bool) or not isinstance(fraction, int) or fraction < 1:
+            problems.append(
+                f"fraction: {fraction!r} is not allowed; allowed: an integer p ≥ 1 (the design runs "
+                "2^(k-p) of the 2^k trick combinations)"
+            )
+    elif "fraction" in data:
+        problems.append(f"fraction: only used with design fractional_factorial (design is {design!r})")
+        fraction = 0
+
+    wandb_cfg: dict[str, Any] = {}
+    raw_wandb = data.get("wandb", False)
+    try:
+        wandb_cfg = validate_params(
+            WANDB_PARAMS, {"enabled": raw_wandb} if isinstance(raw_wandb, bool) else raw_wandb, "wandb"
+        )
+    except ParamError as exc:
+        problems.append(str(exc))
+
+    tasks: list[TaskSpec] = []
+    raw_tasks = data.get("tasks")
+    if not isinstance(raw_tasks, dict) or not raw_tasks:
+        problems.append(
+            f"tasks: {raw_tasks!r} is not allowed; allowed: a mapping from task name "
+            f"({', '.join(TASK_NAMES)}) to its block (params, train, tricks)"
+        )
+    else:
+        for name, block in raw_tasks.items():
+            spec = _parse_task(str(name), block, problems)
+            if spec is not None:
+                tasks.append(spec)
+
+    if design == "fractional_factorial" and isinstance(fraction, int) and fraction >= 1:
+        for t in tasks:
+            k = len(t.tricks)
+            if k - fraction < 1:
+                problems.append(
+                    f"fraction: {fraction} is too large for task {t.task} with {k} tricks; "
+                    f"allowed: 1 ≤ fraction ≤ {max(k - 1, 0)}"
+                )
+    if problems:
+        raise SpecError(problems, source)
+    return GridSpec(
+        grid=grid,
+        design=design,
+        seeds=seeds,
+        tasks=tuple(tasks),
+        description=description,
+        fraction=int(fraction),
+        wandb=wandb_cfg,
+    )
+
+
+def _parse_seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
+    allowed = f"an integer count 1..{MAX_SEEDS} or a list of distinct non-negative integers"
+    if isinstance(raw, bool):
+        problems.append(f"seeds: {raw!r} is not allowed; allowed: {allowed}")
+        return ()
+    if isinstance(raw, int):
+        if not 1 <= raw <= MAX_SEEDS:
+            problems.append(f"seeds: {raw!r} is out of range; allowed: {allowed}")
+            return ()
+        return tuple(range(raw))
+    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
+        if len(set(raw)) != len(raw):
+            problems.append(f"seeds: {raw!r} has duplicates; allowed: {allowed}")
+            return ()
+        return tuple(raw)
+    problems.append(f"seeds: {raw!r} is not allowed; allowed: {allowed}")
+    return ()
+
+
+def _parse_task(label: str, block: Any, problems: list[str]) -> TaskSpec | None:
+    path = f"tasks.{label}"
+    if not GRID_NAME.match(label):
+        problems.append(
+            f"{path}: {label!r} is not allowed as a task label; allowed: lower-case letters, digits, '_', '-', '.'"
+        )
+        return None
+    name = block.get("task", label) if isinstance(block, dict) else label
+    if not isinstance(name, str):
+        problems.append(f"{path}.task: {name!r} is not allowed; allowed: one of {', '.join(TASK_NAMES)}")
+        return None
+    if name != label:
+        path = f"{path}.task"
+    try:
+        task_cls = get_task(name)
+    except KeyError:
+        hint = did_you_mean(name, TASK_NAMES)
+        problems.append(
+            f"{path}: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}" + (f" ({hint})" if hint else "")
+        )
+        return None
+    block = {} if block is None else block
+    if not isinstance(block, dict):
+        problems.append(f"{path}: {block!r} is not allowed; allowed: a mapping with keys {', '.join(TASK_KEYS)}")
+        return None
+    for key in block:
+        if key not in TASK_KEYS:
+            hint = did_you_mean(str(key), TASK_KEYS)
+            problems.append(
+                f"{path}.{key}: unknown key; allowed: {', '.join(TASK_KEYS)}" + (f" ({hint})" if hint else "")
+            )
+
+    path = f"tasks.{label}"
+    n_before = len(problems)
+    params = _validate(task_cls_params(task_cls), block.get("params"), f"{path}.params", problems)
+    train_params = {
+        name_: Param(**{**p.__dict__, "default": task_cls.train_defaults.get(name_, p.default)})
+        for name_, p in TRAIN_MAP.items()
+    }
+    train = _validate(train_params, block.get("train"), f"{path}.train", problems)
+    tricks = _parse_tricks(task_cls, block.get("tricks"), f"{path}.tricks", problems)
+    if len(problems) > n_before:
+        return None
+    k = tricks.get("accumulation", {}).get("micro_batches")
+    if k and train["batch_size"] % k:
+        problems.append(
+            f"{path}.tricks.accumulation.micro_batches: {k} does not divide train.batch_size "
+            f"{train['batch_size']}; allowed: a divisor of the batch size"
+        )
+        return None
+    extra = task_cls.check(params, tricks, train)
+    if extra:
+        problems.extend(f"{path}.{msg}" for msg in extra)
+        return None
+    return TaskSpec(label=label, task=name, params=params, train=train, tricks=tricks)
+
+
+def task_cls_params(task_cls: Any) -> dict[str, Param]:
+    return {p.name: p for p in task_cls.params}
+
+
+def _validate(params: dict[str, Param], given: Any, path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        return validate_params(params, given, path)
+    except ParamError as exc:
+        problems.append(str(exc))
+        return {}
+
+
+def _parse_tricks(task_cls: Any, raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if isinstance(raw, list):
+        if not all(isinstance(x, str) for x in raw):
+            problems.append(
+                f"{path}: {raw!r} is not allowed; allowed: a list of trick names or a mapping trick -> parameters"
+            )
+            return {}
+        raw = dict.fromkeys(raw)
+    if not isinstance(raw, dict):
+        problems.append(
+            f"{path}: {raw!r} is not allowed; allowed: a list of trick names or a mapping trick -> parameters"
+        )
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for trick, given in raw.items():
+        trick = str(trick)
+        if trick not in REGISTRY:
+            hint = did_you_mean(trick, list(REGISTRY))
+            problems.append(
+                f"{path}.{trick}: unknown trick; allowed: {', '.join(sorted(REGISTRY))}"
+                + (f" ({hint})" if hint else "")
+            )
+            continue
+        if trick not in task_cls.tricks:
+            problems.append(
+                f"{path}.{trick}: trick {trick!r} does not apply to task {task_cls.name!r}; "
+                f"tricks that apply: {', '.join(task_cls.tricks)}"
+            )
+            continue
+        merged = (
+            {**task_cls.trick_defaults.get(trick, {}), **(given or {})}
+            if isinstance(given, dict) or given is None
+            else given
+        )
+        try:
+            out[trick] = REGISTRY[trick].resolve(merged, f"{path}.{trick}")
+        except ParamError as exc:
+            problems.append(str(exc))
+    return out

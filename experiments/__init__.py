@@ -1,0 +1,1 @@
+"""Reference tasks (model + data + loss + metrics) and grid specs for trickbench."""

@@ -1,0 +1,128 @@
+"""The contract between a reference task and the training loop in ``bench/``.
+
+A task supplies the model, the batches, the loss and the evaluation, and applies its own
+data- and loss-level tricks (replay, patches, augmentation, conditioning noise/dropout,
+Fourier encodings, feature matching, stratified sampling) inside ``batch``/``loss`` at
+visible points. Optimizer- and weight-level tricks (EMA, averaging, accumulation, precise
+BN, zero weight decay) belong to the loop and never appear in task code.
+
+Randomness: a task draws only from the ``streams`` it is given (see ``bench/seeds.py``):
+``streams.generator(purpose, *index)`` returns a fresh ``torch.Generator`` for that
+named stream, so e.g. ``streams.generator("data", step, micro)`` is the same in every
+arm of a seed and after a resume.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from tricks.card import Param
+
+
+class RandomStreams(Protocol):
+    """What a task may ask of the run's seed bundle (implemented by ``bench.seeds.SeedBundle``)."""
+
+    seed: int
+
+    def seed_for(self, purpose: str, *index: int) -> int: ...
+
+    def generator(self, purpose: str, *index: int, device: str | torch.device = "cpu") -> torch.Generator: ...
+
+    def numpy(self, purpose: str, *index: int) -> np.random.Generator: ...
+
+
+class Task(ABC):
+    """One reference task. Subclasses set the class attributes and implement the methods.
+
+    Lifecycle in one run: ``__init__`` (data prepared, deterministic in the seed) →
+    ``build_model`` (called once, under the ``init`` stream) → per optimizer step and
+    micro-batch: ``batch`` then ``loss`` → ``after_optimizer_step`` → periodically
+    ``evaluate``. ``state_dict``/``load_state_dict`` carry the task's own mutable state
+    (replay buffer, environment, target network) through checkpoints.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: tricks that apply to this task (the single source of truth for validation and `bench list`)
+    tricks: ClassVar[tuple[str, ...]]
+    #: task parameters, validated from the grid spec's ``params`` block
+    params: ClassVar[tuple[Param, ...]]
+    #: the primary accuracy metric (a key returned by ``evaluate``) and its direction
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    #: defaults for the spec's ``train`` block (budget_samples, batch_size, lr, ...)
+    train_defaults: ClassVar[dict[str, Any]]
+    #: tricks' parameter defaults specific to this task, e.g. {"ema": {"half_life_samples": 500}}
+    trick_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def check(cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:
+        """Cross-field problems of a resolved task block (called by spec validation), as messages."""
+        return []
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        tricks: dict[str, dict[str, Any]],
+        streams: RandomStreams,
+        device: torch.device,
+        train: dict[str, Any],
+    ) -> None:
+        self.p = params
+        self.tricks_on = tricks
+        self.streams = streams
+        self.device = device
+        self.train_cfg = train  # the resolved ``train`` block (budget_samples, batch_size, ...)
+
+    # --- model ------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """Create the trained model. Called once; the loop seeds torch's RNG from ``init``."""
+
+    # --- training -----------------------------------------------------------------------
+    def samples_per_micro_batch(self, micro_batch_size: int) -> int:
+        """How many budget samples (images, transitions, points) one micro-batch consumes."""
+        return micro_batch_size
+
+    @abstractmethod
+    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
+        """The ``micro``-th micro-batch of optimizer step ``step``; ``progress`` ∈ [0, 1) of the budget."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar training loss (not yet divided for accumulation) and extra per-step stats."""
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 - optional hook
+        """Called once after every optimizer step (e.g. a DQN target-network update)."""
+
+    # --- evaluation ---------------------------------------------------------------------
+    @abstractmethod
+    def evaluate(self, model: nn.Module, final: bool) -> dict[str, float]:
+        """Metrics of ``model`` (already in eval mode). ``final`` = the last evaluation of the run."""
+
+    def bn_batches(self) -> Iterator[Any]:
+        """Training inputs for BatchNorm recalibration (precise BN, averaged weights)."""
+        raise NotImplementedError(f"task {self.name} has no BatchNorm batches")
+
+    def bn_forward(self, model: nn.Module, batch: Any) -> Any:
+        """How to call the model on one of ``bn_batches`` (default: ``model(batch)``)."""
+        return model(batch)
+
+    def render_outputs(self, model: nn.Module, path: Path) -> bool:
+        """Optionally save a PNG of the model's outputs (reconstructions, samples); True if written."""
+        return False
+
+    # --- checkpointed state -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The task's own mutable state (tensors and plain Python only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore ``state_dict``'s output after a resume."""

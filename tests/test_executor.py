@@ -1,0 +1,97 @@
+"""Launching grids: the local pool, re-launch skips finished runs, resumes partial ones, reruns crashed ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from bench import store
+from bench.cli import main
+from bench.loop import RunContext, train
+from bench.runner import plan
+
+SPEC = {
+    "grid": "relaunch",
+    "design": "one_at_a_time",
+    "seeds": 2,
+    "tasks": {
+        "cifar_autoencoder": {
+            "params": {"data": "offline", "train_size": 128, "test_size": 64, "width": 4},
+            "train": {
+                "budget_samples": 128,
+                "batch_size": 32,
+                "eval_every_samples": 64,
+                "checkpoint_every_samples": 64,
+            },
+            "tricks": {"ema": {"half_life_samples": 32}},
+        }
+    },
+}
+
+
+def _write(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return path
+
+
+def test_local_pool_then_relaunch_skips_resumes_and_reruns(tmp_path: Path) -> None:
+    spec_path, results = _write(tmp_path), tmp_path / "results"
+    assert main(["run", str(spec_path), "--results", str(results), "--jobs", "2", "--no-progress"]) == 0
+    gdir = results / "relaunch"
+    runs = store.load_grid(gdir)
+    assert len(runs) == 4 and set(runs["status"]) == {"completed"}
+    assert (gdir / "report.md").exists() and (gdir / "summary.csv").exists() and (gdir / "grid.yaml").exists()
+    assert len(pd.read_csv(gdir / "summary.csv")) == 4
+
+    launch = plan(spec_path, results)
+    assert launch.todo == []  # a finished grid trains nothing
+    # damage the store the way clusters do: one run crashed, one half-way (checkpoint only)
+    crashed, partial, *done = launch.cells
+    store.run_dir(results, "relaunch", crashed.run_id).joinpath("result.json").unlink()
+    store.atomic_write_json(
+        store.run_dir(results, "relaunch", crashed.run_id) / "error.json",
+        {"run_id": crashed.run_id, "error": "boom", "traceback_tail": []},
+    )
+    pdir = store.run_dir(results, "relaunch", partial.run_id)
+    reference = store.read_json(pdir / "result.json")
+    (pdir / "result.json").unlink()
+    for f in ("curve.csv", "train.csv", "final_model.pt"):
+        (pdir / f).unlink()
+    assert train(partial, pdir, RunContext(max_steps=2))["status"] == "interrupted"
+    mtimes = {
+        c.run_id: store.run_dir(results, "relaunch", c.run_id).joinpath("result.json").stat().st_mtime_ns for c in done
+    }
+
+    launch = plan(spec_path, results)
+    assert {c.run_id for c in launch.todo} == {crashed.run_id, partial.run_id}
+    assert main(["run", str(spec_path), "--results", str(results), "--jobs", "2", "--no-progress"]) == 0
+    for c in done:  # untouched
+        assert (
+            store.run_dir(results, "relaunch", c.run_id).joinpath("result.json").stat().st_mtime_ns == mtimes[c.run_id]
+        )
+    resumed = store.read_json(pdir / "result.json")
+    assert resumed["cost"]["resumes"] == 1
+    assert resumed["metric"] == reference["metric"]
+    assert not (store.run_dir(results, "relaunch", crashed.run_id) / "error.json").exists()
+    assert set(store.load_grid(gdir)["status"]) == {"completed"}
+
+
+def test_debug_executor_and_status(tmp_path: Path, capsys) -> None:
+    spec_path, results = _write(tmp_path), tmp_path / "results"
+    assert (
+        main(["run", str(spec_path), "--results", str(results), "--executor", "debug", "--no-progress", "--no-report"])
+        == 0
+    )
+    assert main(["status", str(results / "relaunch")]) == 0
+    out = capsys.readouterr().out
+    assert "4 completed" in out
+
+
+def test_dry_run_writes_nothing(tmp_path: Path, capsys) -> None:
+    spec_path, results = _write(tmp_path), tmp_path / "results"
+    assert main(["run", str(spec_path), "--results", str(results), "--dry-run"]) == 0
+    assert "4 runs" in capsys.readouterr().out
+    assert not results.exists()
