@@ -70,6 +70,19 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
+    """Let ``module`` declare its own options (``add_arguments(parser)``); absent modules add none."""
+    from importlib import import_module
+
+    try:
+        mod = import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return
+    mod.add_arguments(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -85,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
     p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
+    p = sub.add_parser("check", help="re-run the regression grids and compare with results/baselines/",
+                       description="Regression check of the trick implementations: re-runs the small deterministic "
+                                   "grids and compares every metric with the committed baselines within tolerances.")
+    _optional_arguments("bench.check", p)
+    p = sub.add_parser("perf", help="benchmark the harness against a bare PyTorch loop, and the cost of each trick")
+    _optional_arguments("bench.perf", p)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -102,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.commands import cmd_status
 
             return cmd_status(args.grid)
+        if args.command in ("check", "perf"):
+            from importlib import import_module
+
+            return int(import_module(f"bench.{args.command}").run(args))
         if args.command == "report":
             from bench.commands import cmd_report
 

@@ -61,6 +61,8 @@ class Task(ABC):
     train_defaults: ClassVar[dict[str, Any]]
     #: tricks' parameter defaults specific to this task, e.g. {"ema": {"half_life_samples": 500}}
     trick_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: a seconds-long setting {"params": {...}, "train": {...}} for the registry-driven smoke tests
+    tiny: ClassVar[dict[str, dict[str, Any]] | None] = None
 
     @classmethod
     def check(cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:

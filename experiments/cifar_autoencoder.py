@@ -18,6 +18,7 @@ Loop-level tricks (EMA, averaging, accumulation, precise BN, zero weight decay) 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ class CifarAutoencoder(Task):
         "eval_every_samples": 2048,
         "checkpoint_every_samples": 2048,
     }
+    tiny = {
+        "params": {"data": "offline", "train_size": 128, "test_size": 64, "width": 4},
+        "train": {"budget_samples": 192, "batch_size": 32, "eval_every_samples": 64, "checkpoint_every_samples": 96},
+    }
     trick_defaults = {
         "ema": {"half_life_samples": 1024},
         "periodic_averaging": {"snapshot_every_samples": 512, "window_fraction": 0.5},
@@ -222,7 +227,7 @@ class CifarAutoencoder(Task):
         start = step * self.train_cfg["batch_size"] + micro * micro_batch_size
         idx = self._stream_indices(start, micro_batch_size)
         if self.buffer is not None:  # TRICK: replay_buffer — push the stream, learn from a uniform sample
-            self.buffer.extend({"index": idx})
+            self.buffer.extend({"item": idx})
             idx = self.buffer.sample(micro_batch_size, generator=self.streams.generator("data", step, micro, 1))[
                 "index"
             ]
@@ -305,10 +310,11 @@ class CifarAutoencoder(Task):
         return float(((self.x_test - self.x_train.mean(0, keepdim=True)) ** 2).mean())
 
     def bn_batches(self) -> Iterator[Any]:
-        g = self.streams.generator("eval", 2)
-        order = torch.randperm(len(self.x_train), generator=g).to(self.device)
-        for i in range(0, len(order), 64):
-            yield self.x_train[order[i : i + 64]]
+        """Training images in batches of 64, pass after pass (each pass a new fixed permutation)."""
+        for epoch in itertools.count():
+            order = torch.randperm(len(self.x_train), generator=self.streams.generator("eval", 2, epoch))
+            for i in range(0, len(order) - 63, 64):
+                yield self.x_train[order[i : i + 64].to(self.device)]
 
     def bn_forward(self, model: nn.Module, batch: Any) -> Any:
         hint, cond = self._eval_cond(batch)
