@@ -197,6 +197,12 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams.seed_for("init"))
             self.model = self.task.build_model().to(self.device)
+        # performance options (all off by default; off = the plain eager fp32 path, unchanged results)
+        if self.train_cfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # the module the task's batch/loss code calls; parameters are shared with self.model
+        self.train_model: nn.Module = torch.compile(self.model) if self.train_cfg["compile"] else self.model
+        self.autocast_dtype = torch.bfloat16 if self.train_cfg["autocast"] == "bf16" else None
 
         # accumulation: the same batch as k micro-batches of batch/k, loss / k, one optimizer step
         self.k = self.tricks["accumulation"]["micro_batches"] if "accumulation" in self.tricks else 1
@@ -286,6 +292,10 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         self.maybe_resume()
         model, optimizer, task, k = self.model, self.optimizer, self.task, self.k
+        fwd = self.train_model  # = model unless compiled
+        autocast = torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         clip = self.train_cfg["grad_clip_norm"] or float("inf")
         eval_every, ckpt_every = self.train_cfg["eval_every_samples"], self.train_cfg["checkpoint_every_samples"]
@@ -311,8 +321,9 @@ class _Trainer:
             # accumulation: k micro-batches, each loss / k, gradients summed, one optimizer step
             loss_sum = torch.zeros((), device=self.device)
             for micro, size in enumerate(self.micro_sizes):
-                batch = task.batch(model, step, micro, size, samples_before / self.train_cfg["budget_samples"])
-                loss, _extra = task.loss(model, batch, step, micro)
+                batch = task.batch(fwd, step, micro, size, samples_before / self.train_cfg["budget_samples"])
+                with autocast:
+                    loss, _extra = task.loss(fwd, batch, step, micro)
                 accumulation.scale_loss(loss, k).backward()
                 loss_sum += loss.detach()
             loss_value = float(loss_sum) / k

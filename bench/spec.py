@@ -75,6 +75,15 @@ TRAIN_PARAMS: tuple[Param, ...] = (
         low_open=True,
         optional=True,
     ),
+    Param("channels_last", bool, False, "train with channels_last memory format (conv models on GPU)"),
+    Param(
+        "autocast",
+        str,
+        "none",
+        "mixed precision for forward/loss: bf16 autocast (GPU; changes results)",
+        choices=("none", "bf16"),
+    ),
+    Param("compile", bool, False, "torch.compile the model for training (compiles once per run)"),
     Param("eval_every_samples", int, 2048, "evaluate every this many samples (and at the end)", "samples", low=1),
     Param(
         "checkpoint_every_samples", int, 2048, "checkpoint every this many samples (and at the end)", "samples", low=1
