@@ -56,7 +56,8 @@ class RunContext:
     step). ``threads`` defaults to 1 on every executor: CPU kernels may sum in a different order
     with another thread count, so a run resumed elsewhere stays bit-exact only if this is equal
     (grids get their parallelism from running one run per core).
-    ``on_progress(steps_done, total_steps, loss)`` is called at most every ``progress_interval_s``. ``tracker`` mirrors metrics (e.g. wandb); it may fail silently.
+    ``on_progress(steps_done, total_steps, loss)`` is called at most every ``progress_interval_s``.
+    ``tracker`` mirrors metrics (e.g. wandb); it may fail silently.
     """
 
     device: str = "cpu"

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Param", "TrickCard", "ParamError", "did_you_mean"]
+__all__ = ["Param", "ParamError", "TrickCard", "did_you_mean"]
 
 
 class ParamError(ValueError):
@@ -90,9 +90,8 @@ class Param:
             value = float(value)
             if not math.isfinite(value):
                 raise ParamError(path, value, self.allowed())
-        elif self.type is str:
-            if not isinstance(value, str):
-                raise ParamError(path, value, self.allowed())
+        elif self.type is str and not isinstance(value, str):
+            raise ParamError(path, value, self.allowed())
         if self.choices is not None and value not in self.choices:
             raise ParamError(path, value, self.allowed(), did_you_mean(str(value), [str(c) for c in self.choices]))
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
