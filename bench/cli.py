@@ -16,6 +16,7 @@ examples:
   bench run                                   the quick suite over all three tasks (local, offline data, report)
   bench run experiments/grids/cifar_quick.yaml --jobs 2
   bench run my_grid.yaml --dry-run            validate and list the runs, train nothing
+  bench run my_grid.yaml --executor slurm --slurm-partition gpu --slurm-gpus-per-run 1 --slurm-time-min 120
   bench status results/quick                  done / partial / failed runs of a grid
   bench report results/quick                  (re)write report.md and report.html
   bench list                                  tricks, tasks and which tricks apply to which task
@@ -68,6 +69,58 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="mirror runs to Weights & Biases (offline when no account); overrides the spec",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_slurm(p)
+
+
+def _add_slurm(p: argparse.ArgumentParser) -> None:
+    """The ``--executor slurm`` options (how-to-run; validated in bench.executors.slurm.SlurmOptions)."""
+    g = p.add_argument_group(
+        "SLURM executor (--executor slurm; sbatch mapping, logs and requeues: slurm/README.md)",
+        "Submits the runs still to train as one submitit job array and returns (see --slurm-wait). "
+        "Runs resume from their own checkpoints after preemption, time limits, requeues and re-launches.",
+    )
+    g.add_argument("--slurm-partition", metavar="NAME", help="partition(s), comma-separated (default: the cluster's)")
+    g.add_argument("--slurm-account", metavar="NAME", help="account to charge (sbatch --account)")
+    g.add_argument("--slurm-qos", metavar="NAME", help="quality of service (sbatch --qos)")
+    g.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="GPUs per array task (default: 0)")
+    g.add_argument("--slurm-cpus-per-run", type=int, metavar="N", help="CPUs per array task (default: 1)")
+    g.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per array task (default: the cluster's)")
+    g.add_argument(
+        "--slurm-time-min", type=int, metavar="MIN", help="time limit of one array task, all its runs (default: 60)"
+    )
+    g.add_argument("--slurm-constraint", metavar="EXPR", help="node features, e.g. 'a100|h100' (sbatch --constraint)")
+    g.add_argument(
+        "--slurm-sbatch",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any further sbatch option, e.g. mail-type=END (repeatable)",
+    )
+    g.add_argument(
+        "--runs-per-task",
+        type=int,
+        metavar="N",
+        help="runs trained one after another in one array task, for short runs (default: 1)",
+    )
+    g.add_argument(
+        "--slurm-array-parallelism", type=int, metavar="N", help="array tasks running at once (default: 256)"
+    )
+    g.add_argument(
+        "--slurm-max-requeues",
+        type=int,
+        metavar="N",
+        help="time-limit requeues per run; past it the run is recorded incomplete (default: 3)",
+    )
+    g.add_argument(
+        "--slurm-signal-delay-s",
+        type=int,
+        metavar="S",
+        help="USR2 this many seconds before the time limit: checkpoint and requeue (default: 90)",
+    )
+    g.add_argument(
+        "--slurm-wait",
+        action="store_true",
+        help="wait until the jobs have left the queue, then write summary and report (default: submit and return)",
+    )
 
 
 def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
@@ -83,7 +136,8 @@ def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
     mod.add_arguments(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bench`` argument parser (all subcommands)."""
     parser = argparse.ArgumentParser(
         prog="bench",
         description="trickbench: does a training trick help, how much, how reliably, at what cost?",
@@ -94,16 +148,28 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     p = sub.add_parser("list", help="the tricks (with their cards) and tasks, and which tricks apply to which task")
     p.add_argument("what", nargs="?", choices=("all", "tricks", "tasks", "matrix"), default="all")
-    p = sub.add_parser("status", help="counts and a per-run table of a grid: completed / partial / failed / pending")
+    p = sub.add_parser(
+        "status",
+        help="counts and a per-run table of a grid: completed / running / pending / requeued / partial / "
+        "diverged / failed / incomplete",
+    )
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
     p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
-    p = sub.add_parser("check", help="re-run the regression grids and compare with results/baselines/",
-                       description="Regression check of the trick implementations: re-runs the small deterministic "
-                                   "grids and compares every metric with the committed baselines within tolerances.")
+    p = sub.add_parser(
+        "check",
+        help="re-run the regression grids and compare with results/baselines/",
+        description="Regression check of the trick implementations: re-runs the small deterministic "
+        "grids and compares every metric with the committed baselines within tolerances.",
+    )
     _optional_arguments("bench.check", p)
     p = sub.add_parser("perf", help="benchmark the harness against a bare PyTorch loop, and the cost of each trick")
     _optional_arguments("bench.perf", p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

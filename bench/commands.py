@@ -3,27 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import store
-from bench.runner import code_version, grid_cells, plan, write_grid_spec
+from bench.runner import LaunchPlan, code_version, grid_cells, plan, write_grid_spec
+
+if TYPE_CHECKING:
+    from bench.executors.slurm import SlurmOptions
+
+
+SLURM_FLAGS = (
+    "partition",
+    "account",
+    "qos",
+    "gpus_per_run",
+    "cpus_per_run",
+    "mem_gb",
+    "time_min",
+    "constraint",
+    "sbatch",
+    "runs_per_task",
+    "array_parallelism",
+    "max_requeues",
+    "signal_delay_s",
+    "wait",
+)
+
+
+def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
+    """The validated ``--slurm-*`` options of ``bench run`` (None unless ``--executor slurm``); ValueError naming
+    the flag when one is invalid, or given with another executor."""
+    from bench.executors.slurm import SlurmOptions, cli_flag
+
+    given = {name: getattr(args, f"slurm_{name}", None) for name in SLURM_FLAGS}
+    given["runs_per_task"] = getattr(args, "runs_per_task", None)
+    given = {k: v for k, v in given.items() if v is not None and v is not False}  # flags not given
+    if args.executor != "slurm":
+        if given:
+            name = next(iter(given))
+            raise ValueError(f"{cli_flag(name)}: only used with --executor slurm (this launch uses {args.executor})")
+        return None
+    if "sbatch" in given:
+        given["sbatch"] = SlurmOptions.parse_sbatch(given["sbatch"])
+    return SlurmOptions(**given)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     launch = plan(args.spec, args.results)  # SpecError here: nothing written
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: {args.threads} is not allowed; allowed: an integer ≥ 1")
+    slurm = slurm_options(args)  # ValueError naming the flag: nothing written
+    if slurm is not None and not args.dry_run:
+        from bench.executors.slurm import check_cluster
+
+        check_cluster(slurm, args.device)  # commands on PATH, controller up, partition/GPUs/time limit fit
     print(launch.describe())
     if args.dry_run:
         for c in launch.cells:
             print(f"  {c.run_id}  {launch.status[c.run_id]:<10} {c.task:<20} {c.arm:<32} seed {c.seed}")
+        if slurm is not None and launch.todo:
+            tasks = -(-len(launch.todo) // slurm.runs_per_task)
+            print(f"would submit {len(launch.todo)} runs as {tasks} array tasks ({slurm.runs_per_task} per task)")
         return 0
-    if args.executor == "slurm":
-        raise ValueError("--executor slurm: not available in this version; use local or debug")
     write_grid_spec(launch.spec, launch.grid_dir)
+    version = code_version()
+    if slurm is not None:
+        return _run_slurm(launch, args, slurm, version)
     from bench.executors.local import default_jobs, run_debug, run_local
 
-    version = code_version()
     if args.executor == "debug":
         counts = run_debug(
             launch.todo,
@@ -48,12 +101,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.write_summary(launch.grid_dir)
     if counts:
         print("trained: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    _write_report(launch.grid_dir, args)
+    return 1 if counts.get(store.RunStatus.FAILED) else 0
+
+
+def _write_report(grid_dir: Path, args: argparse.Namespace) -> None:
     if not args.no_report:
         from bench.report import write_report
 
-        path = write_report(launch.grid_dir)
-        print(f"report: {path}")
-    return 1 if counts.get(store.RunStatus.FAILED) else 0
+        print(f"report: {write_report(grid_dir)}")
+
+
+def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptions, version: str) -> int:
+    """Submit the runs still to train as a job array; with ``--slurm-wait`` follow them to the end."""
+    from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
+
+    wandb_cfg = dict(launch.spec.wandb) | ({"enabled": bool(args.wandb)} if args.wandb is not None else {})
+    settings = WorkerSettings(
+        device=args.device,
+        threads=args.threads or 1,
+        code_version=version,
+        grid_tricks=launch.grid_tricks,
+        wandb_cfg=wandb_cfg,
+        max_requeues=options.max_requeues,
+        signal_delay_s=options.signal_delay_s,
+    )
+    sub = submit_grid(launch.todo, launch.grid_dir, args.results, options, settings, launch.spec.grid)
+    if sub.already_queued:
+        print(f"{len(sub.already_queued)} runs are still queued from an earlier launch; not submitted again")
+    if sub.job_ids:
+        tasks = len(sub.job_ids)
+        print(
+            f"submitted {len(sub.runs)} runs as {tasks} array task{'s' * (tasks > 1)} "
+            f"({options.runs_per_task} per task): job {', '.join(sub.array_ids)}"
+        )
+        print(f"logs: {sub.folder}/<job id>/   follow: bench status {launch.grid_dir}")
+    else:
+        print("submitted 0 jobs: nothing left to train" + (" or all of it is queued" if sub.already_queued else ""))
+    if not options.wait:
+        return 0
+    waiting = [*sub.job_ids, *sub.already_queued.values()]
+    last = [0.0]
+
+    def report_progress(left: dict[str, str]) -> None:
+        if time.monotonic() - last[0] > 60:
+            last[0] = time.monotonic()
+            states: dict[str, int] = {}
+            for state in left.values():
+                states[state] = states.get(state, 0) + 1
+            print("waiting: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())), flush=True)
+
+    wait_for_jobs(waiting, poll_s=2.0, on_poll=report_progress)
+    df = store.write_summary(launch.grid_dir)
+    statuses = df["status"].value_counts().to_dict() if len(df) else {}
+    print("grid: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
+    _write_report(launch.grid_dir, args)
+    unfinished = [
+        c
+        for c in launch.cells
+        if store.run_status(store.run_dir(args.results, c.grid, c.run_id)) not in store.RunStatus.FINISHED
+    ]
+    return 1 if unfinished else 0
 
 
 def cmd_list(what: str) -> int:
@@ -83,23 +191,73 @@ def cmd_list(what: str) -> int:
     return 0
 
 
+STATUS_ORDER = ("completed", "running", "pending", "requeued", "partial", "diverged", "failed", "incomplete")
+
+
+def _alive(state: dict, queued: str | None) -> bool:
+    """Whether the worker named in a run's ``state.json`` is still at it (heartbeat, pid, or the queue says so)."""
+    from bench.executors.worker import STALE_S
+
+    if state.get("host") == socket.gethostname() and state.get("pid"):
+        try:
+            os.kill(int(state["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return queued == "RUNNING" or time.time() - float(state.get("updated", 0)) < STALE_S
+
+
+def run_view(rdir: Path, job: str | None, queue: dict[str, str] | None) -> tuple[str, str]:
+    """(status, detail) of one run for ``bench status``: the on-disk status refined by the worker's
+    ``state.json`` and, for SLURM grids, the queue (``running`` / ``requeued`` / ``pending``)."""
+    from bench.executors.worker import read_state
+
+    disk = store.run_status(rdir)
+    if disk == store.RunStatus.FAILED:
+        err = store.read_json(rdir / store.ERROR)
+        return disk, err["error"] + "".join("\n        " + line for line in err["traceback_tail"][-3:])
+    if disk == store.RunStatus.DIVERGED:
+        return disk, f"non-finite loss at step {store.read_json(rdir / store.RESULT)['diverged_step']}"
+    if disk == store.RunStatus.INCOMPLETE:
+        return disk, str(store.read_json(rdir / store.RESULT).get("reason", ""))
+    if disk in store.RunStatus.FINISHED:
+        return disk, ""
+    state = read_state(rdir)
+    job = job or state.get("job_id")
+    queued = queue.get(job) if queue is not None and job else None
+    where = f"job {job} " if job else ""
+    seen = f"{time.time() - float(state.get('updated', 0)):.0f} s ago" if state else ""
+    step = f"step {state.get('step')}/{state.get('total_steps')}, " if state.get("total_steps") else ""
+    if state.get("state") == "running" and _alive(state, queued):
+        return "running", f"{where}on {state.get('host')} (pid {state.get('pid')}), {step}seen {seen}"
+    if state.get("state") in ("requeued", "interrupted") and (queued or state.get("state") == "requeued"):
+        return "requeued", f"{where}{queued.lower() if queued else ''}: {state.get('reason') or 'interrupted'}"
+    if queued is not None:
+        return "pending", f"{where}{queued.lower()}"
+    if disk == store.RunStatus.PARTIAL:
+        last = f"; last worker {state.get('state')} on {state.get('host')} {seen}" if state else ""
+        return disk, f"checkpoint on disk (resumes on re-launch){last}"
+    return disk, ""
+
+
 def cmd_status(grid: Path) -> int:
     spec, cells = grid_cells(grid)
     results_root = Path(grid).parent
+    from bench.executors.slurm import job_records, queue_states
+
+    jobs = job_records(grid)
+    queue = queue_states() if jobs else None
     counts: dict[str, int] = {}
     rows = []
     for c in cells:
-        rdir = store.run_dir(results_root, spec.grid, c.run_id)
-        st = store.run_status(rdir)
+        st, detail = run_view(store.run_dir(results_root, spec.grid, c.run_id), jobs.get(c.run_id), queue)
         counts[st] = counts.get(st, 0) + 1
-        detail = ""
-        if st == store.RunStatus.FAILED:
-            err = store.read_json(rdir / store.ERROR)
-            detail = err["error"] + "\n" + "\n".join("        " + line for line in err["traceback_tail"][-3:])
-        elif st == store.RunStatus.DIVERGED:
-            detail = f"non-finite loss at step {store.read_json(rdir / store.RESULT)['diverged_step']}"
-        rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}")
-    print(f"grid {spec.grid}: {len(cells)} runs — " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+        rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}".rstrip())
+    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
+    print(f"grid {spec.grid}: {len(cells)} runs — " + ", ".join(f"{counts[s]} {s}" for s in order))
+    if jobs and queue is None:
+        print("  (squeue does not answer: running/pending from the runs' state.json only)")
     print("\n".join(rows))
     return 0
 

@@ -54,9 +54,7 @@ def _balanced_labels(n: int, k: int, generator: torch.Generator) -> Tensor:
     return (torch.arange(n) % k)[torch.randperm(n, generator=generator)]
 
 
-def sample(
-    name: str, n: int, generator: torch.Generator, labels: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def sample(name: str, n: int, generator: torch.Generator, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``n`` points (N, 2) float32 and their class labels (N,) int64 from distribution ``name``.
 
     ``labels`` given (int64 (n,), values in [0, num_classes)): the points are drawn from those
@@ -99,7 +97,7 @@ def sample(
     return pts.to(torch.float32), labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def data_std(name: str) -> float:
     """Per-coordinate standard deviation of distribution ``name`` (pooled over both axes and classes).
 

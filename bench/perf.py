@@ -1,0 +1,925 @@
+"""``bench perf``: what the harness costs, what each trick costs, and how grids scale.
+
+Every number here is measured on this machine when the command runs; the tables are printed
+and written to ``benchmarks/perf_<date>.md`` (with the machine description and load) and one
+``benchmarks/perf_<date>_<part>.csv`` per part. Parts (``--only``; default all):
+
+- ``parity``: :func:`bench.loop.train` of a task with no tricks against a bare hand-written
+  PyTorch loop (:func:`bare_train`) with the same model (``build_model`` under the same init
+  seed), the same batches (each loop's own task instance draws them from the same streams), the
+  same optimizer, seed and steps, in one process. Their per-step losses must agree to 5
+  decimals (the exit status is 1 otherwise); the table gives the step-time ratio harness/bare.
+- ``tricks``: time and peak memory per sample of each applicable trick relative to the
+  baseline, each run in a fresh process (CPU peak memory is the growth of resident memory,
+  which a process that already ran something under-reports).
+- ``ema``: the cost of one EMA / post-hoc EMA update against a training step, and which kernels
+  an update launches (one fused ``_foreach_lerp_`` expected).
+- ``data``: where each task's data lives (device tensors; no DataLoader worker processes).
+- ``vectorized``: S seeds of ``toy_diffusion`` trained at once (:mod:`bench.vectorized`)
+  against S sequential runs.
+- ``scaling``: wall time of a small grid on the local executor by number of runs and ``--jobs``,
+  and an estimate for a 1,000-run grid on GPUs (assumptions printed with it).
+
+Step times: the harness reports every step through its ``on_progress`` callback (interval 0;
+the callback's ~2 µs are counted against the harness), the bare loop records the same clock
+at the same point. The first step (warm-up) and the last (the harness evaluates there) are
+dropped; a repeat's step time is the median over its steps, wall clock and thread CPU time
+(``time.thread_time``: insensitive to other processes taking the cores); the ratio is the
+median over repeats after dropping the first repeat. Timings on a shared machine are noisy:
+the load average is recorded with every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.grid import Cell, run_id_of
+from bench.seeds import SeedBundle
+from bench.spec import parse_spec
+
+__all__ = [
+    "PARTS",
+    "ParityResult",
+    "StepClock",
+    "add_arguments",
+    "bare_train",
+    "harness_train",
+    "parity",
+    "perf_cell",
+    "run",
+]
+
+PARTS = ("parity", "tricks", "ema", "data", "vectorized", "scaling")
+#: optimizer steps per timed run: a few seconds per run on one core
+DEFAULT_STEPS = {"cifar_autoencoder": 40, "toy_diffusion": 300, "rl_policy": 300}
+TARGET_RATIO = 1.02  # harness/bare step-time target with no tricks
+DECIMALS = 5  # losses must agree to this many decimals (numpy's assert_almost_equal: |a - b| < 1.5e-5)
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells and clocks
+
+
+def perf_cell(
+    task: str,
+    tricks: dict[str, Any] | None = None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+) -> Cell:
+    """A one-run cell of ``task`` with ``tricks`` on (``{name: params or None}``), validated like a grid spec.
+
+    With ``steps`` the budget is ``steps`` optimizer steps and evaluation/checkpoints happen only
+    at the end (nothing but training steps is timed in between). Budgets and intervals given in
+    ``train`` win over that.
+    """
+    train = dict(train or {})
+    if steps is not None:
+        probe = _validated(task, {}, params or {}, train, seed)
+        budget = steps * _samples_per_step(task, probe["params"], probe["train"], seed)
+        train = {"budget_samples": budget, "eval_every_samples": budget, "checkpoint_every_samples": budget} | train
+    config = _validated(task, tricks or {}, params or {}, train, seed)
+    on = tuple(config["tricks"])
+    return Cell("perf", task, "+".join(on) or "baseline", on, seed, config, run_id_of(config))
+
+
+def _validated(task: str, tricks: dict[str, Any], params: dict[str, Any], train: dict[str, Any], seed: int) -> dict:
+    spec = parse_spec(
+        {"grid": "perf", "seeds": [seed], "tasks": {task: {"params": params, "train": train, "tricks": tricks}}}
+    )
+    t = spec.tasks[0]
+    return {"task": t.task, "params": t.params, "train": t.train, "tricks": dict(t.tricks), "seed": seed}
+
+
+_SPS_CACHE: dict[str, int] = {}
+
+
+def _samples_per_step(task: str, params: dict[str, Any], train: dict[str, Any], seed: int) -> int:
+    """Budget samples one optimizer step consumes (images, points, transitions) — asks the task."""
+    from experiments.registry import get_task
+
+    key = repr((task, sorted(params.items()), train["batch_size"]))
+    if key not in _SPS_CACHE:
+        inst = get_task(task)(params, {}, SeedBundle(seed), torch.device("cpu"), train)
+        _SPS_CACHE[key] = inst.samples_per_micro_batch(train["batch_size"])
+    return _SPS_CACHE[key]
+
+
+@dataclass
+class StepClock:
+    """Timestamps (wall and thread CPU) after every optimizer step; call it as the progress callback."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    def __call__(self, *_: Any) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.thread_time())
+
+    def step_times(self) -> tuple[list[float], list[float]]:
+        """Per-step durations (wall, CPU) in seconds, without the first step and the last one."""
+        dw = [b - a for a, b in zip(self.wall, self.wall[1:])]
+        dc = [b - a for a, b in zip(self.cpu, self.cpu[1:])]
+        return dw[:-1], dc[:-1]
+
+
+@dataclass
+class TimedRun:
+    """One timed training run: its per-step losses and gradient norms, step times and final figures."""
+
+    losses: list[float]
+    grad_norms: list[float]
+    step_wall_s: list[float]
+    step_cpu_s: list[float]
+    result: dict[str, Any]
+    final_state: dict[str, torch.Tensor]
+
+    @property
+    def median_wall_s(self) -> float:
+        return statistics.median(self.step_wall_s)
+
+    @property
+    def median_cpu_s(self) -> float:
+        return statistics.median(self.step_cpu_s)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two loops
+
+
+def harness_train(cell: Cell, threads: int = 1, device: str = "cpu", out_dir: Path | None = None) -> TimedRun:
+    """Train ``cell`` with :func:`bench.loop.train` (in ``out_dir`` or a temporary folder), timing every step."""
+    from bench.loop import RunContext, train
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+        run_dir = Path(out_dir) if out_dir is not None else Path(tmp) / cell.run_id
+        result = train(
+            cell, run_dir, RunContext(device=device, threads=threads, on_progress=clock, progress_interval_s=0)
+        )
+        rows = (run_dir / "train.csv").read_text().splitlines()[1:]
+        final = run_dir / "final_model.pt"
+        state = torch.load(final, weights_only=True) if final.exists() else {}
+    losses = [float(r.split(",")[2]) for r in rows]
+    norms = [float(r.split(",")[3]) for r in rows]
+    wall, cpu = clock.step_times()
+    return TimedRun(losses, norms, wall, cpu, result, state)
+
+
+def bare_train(cell: Cell, threads: int = 1, device: str = "cpu") -> TimedRun:
+    """The same training as :func:`harness_train` of a no-trick ``cell``, as a plain PyTorch loop.
+
+    What a user would write by hand around the task: model from ``build_model`` under the
+    ``init`` seed, the loop's optimizer (AdamW or SGD with the train block's settings), then per
+    step ``batch`` → ``loss`` → ``backward`` → ``step`` → ``zero_grad`` → the task's
+    ``after_optimizer_step`` (e.g. a DQN's target network). Losses are kept as tensors and read
+    once at the end. No history, gradient norm, schedule, evaluation or checkpoint.
+    """
+    from experiments.registry import get_task
+
+    cfg = cell.config
+    if cfg["tricks"]:
+        raise ValueError(f"cell.tricks: {sorted(cfg['tricks'])} given; allowed: none (the bare loop has no tricks)")
+    tr = cfg["train"]
+    if tr["lr_schedule"] != "constant" or tr["warmup_samples"] or tr["grad_clip_norm"]:
+        raise ValueError("cell.train: the bare loop needs lr_schedule constant, warmup_samples 0, grad_clip_norm null")
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    streams = SeedBundle(cell.seed)
+    task = get_task(cfg["task"])(cfg["params"], {}, streams, dev, tr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(streams.seed_for("init"))
+        model = task.build_model().to(dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if tr["optimizer"] == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            trainable, lr=tr["lr"], betas=(tr["momentum"], 0.999), weight_decay=tr["weight_decay"]
+        )
+    else:
+        opt = torch.optim.SGD(trainable, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
+    batch_size = tr["batch_size"]
+    samples_per_step = task.samples_per_micro_batch(batch_size)
+    steps = max(1, math.ceil(tr["budget_samples"] / samples_per_step))
+    losses: list[torch.Tensor] = []
+    clock = StepClock()
+    model.train()
+    for step in range(steps):
+        batch = task.batch(model, step, 0, batch_size, step * samples_per_step / tr["budget_samples"])
+        loss, _ = task.loss(model, batch, step, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        task.after_optimizer_step(model, step)
+        losses.append(loss.detach())
+        clock()
+    wall, cpu = clock.step_times()
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TimedRun([float(v) for v in losses], [], wall, cpu, {}, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 1: parity
+
+
+@dataclass
+class ParityResult:
+    task: str
+    steps: int
+    repeats: int
+    threads: int
+    losses_equal: bool  # bit for bit
+    max_abs_loss_diff: float
+    params_equal: bool
+    harness_step_ms: float  # median over repeats (first dropped) of the per-repeat median step time
+    bare_step_ms: float
+    harness_step_cpu_ms: float  # the same in thread CPU time
+    ratio_wall: float  # median over repeats (first dropped) of harness/bare per-repeat step times
+    ratio_cpu: float
+    ratio_wall_range: tuple[float, float]
+
+    @property
+    def agree(self) -> bool:
+        return self.max_abs_loss_diff < 1.5 * 10**-DECIMALS
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "steps": self.steps,
+            "repeats": self.repeats,
+            "threads": self.threads,
+            "losses_equal_exactly": self.losses_equal,
+            "max_abs_loss_diff": self.max_abs_loss_diff,
+            "final_params_equal": self.params_equal,
+            "harness_step_ms": round(self.harness_step_ms, 4),
+            "bare_step_ms": round(self.bare_step_ms, 4),
+            "harness_step_cpu_ms": round(self.harness_step_cpu_ms, 4),
+            "ratio_wall": round(self.ratio_wall, 4),
+            "ratio_wall_min": round(self.ratio_wall_range[0], 4),
+            "ratio_wall_max": round(self.ratio_wall_range[1], 4),
+            "ratio_cpu": round(self.ratio_cpu, 4),
+        }
+
+
+def parity(task: str, steps: int | None = None, repeats: int = 5, threads: int = 1, seed: int = 0) -> ParityResult:
+    """Harness vs bare loop on ``task`` (no tricks): loss agreement and step-time ratio.
+
+    The two loops alternate which runs first in each repeat, so a slow drift of the machine's
+    load affects both alike. Raises nothing on disagreement: :attr:`ParityResult.agree` says it.
+    """
+    cell = perf_cell(task, steps=steps or DEFAULT_STEPS.get(task, 100), seed=seed)
+    ratios_w, ratios_c, h_ms, b_ms, h_cpu_ms = [], [], [], [], []
+    max_diff, equal, params_equal = 0.0, True, True
+    for r in range(repeats):
+        pair = (harness_train, bare_train) if r % 2 == 0 else (bare_train, harness_train)
+        first, second = (fn(cell, threads) for fn in pair)
+        h, b = (first, second) if r % 2 == 0 else (second, first)
+        if len(h.losses) != len(b.losses):
+            raise RuntimeError(f"{task}: harness ran {len(h.losses)} steps, the bare loop {len(b.losses)}")
+        max_diff = max(max_diff, max(abs(x - y) for x, y in zip(h.losses, b.losses)))
+        equal &= h.losses == b.losses
+        params_equal &= h.final_state.keys() == b.final_state.keys() and all(
+            torch.equal(v, b.final_state[k]) for k, v in h.final_state.items()
+        )
+        ratios_w.append(h.median_wall_s / b.median_wall_s)
+        ratios_c.append(h.median_cpu_s / b.median_cpu_s)
+        h_ms.append(1e3 * h.median_wall_s)
+        b_ms.append(1e3 * b.median_wall_s)
+        h_cpu_ms.append(1e3 * h.median_cpu_s)
+    kept = slice(1, None) if repeats > 1 else slice(None)  # the first repeat warms caches and allocators
+    return ParityResult(
+        task=task,
+        steps=len(h.losses),
+        repeats=repeats,
+        threads=threads,
+        losses_equal=equal,
+        max_abs_loss_diff=max_diff,
+        params_equal=params_equal,
+        harness_step_ms=statistics.median(h_ms[kept]),
+        bare_step_ms=statistics.median(b_ms[kept]),
+        harness_step_cpu_ms=statistics.median(h_cpu_ms[kept]),
+        ratio_wall=statistics.median(ratios_w[kept]),
+        ratio_cpu=statistics.median(ratios_c[kept]),
+        ratio_wall_range=(min(ratios_w[kept]), max(ratios_w[kept])),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2: trick costs (each run in a fresh process)
+
+
+def _timed_run_in_child(task: str, tricks: dict[str, Any], steps: int, threads: int, seed: int) -> dict[str, Any]:
+    """Runs in a fresh spawned process: one harness run; its time and memory per sample."""
+    cell = perf_cell(task, tricks, steps=steps, seed=seed)
+    run = harness_train(cell, threads)
+    cost = run.result["cost"]
+    sps = cost["samples"] / max(1, cost["steps"])
+    return {
+        "step_wall_s": statistics.mean(run.step_wall_s),  # the mean keeps periodic costs (snapshots)
+        "step_cpu_s": statistics.mean(run.step_cpu_s),
+        "samples_per_step": sps,
+        "peak_mem_mb": cost["peak_mem_mb"],
+        "final_eval_s": cost["eval_s"],
+        "status": run.result["status"],
+    }
+
+
+def trick_costs(
+    task: str, steps: int | None = None, repeats: int = 3, threads: int = 1, seed: int = 0,
+    tricks: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per arm (baseline first, then each trick alone with its task defaults).
+
+    Time per sample = mean step time (steps 2..n−1) / samples per step; both time and memory
+    as the median over ``repeats`` fresh processes, and relative to the baseline's medians.
+    """
+    from experiments.registry import get_task
+
+    steps = steps or DEFAULT_STEPS.get(task, 100)
+    names = list(tricks) if tricks is not None else list(get_task(task).tricks)
+    arms = [("baseline", {})] + [(t, {t: None}) for t in names]
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a, _ in arms}
+    ctx = get_context("spawn")
+    for _ in range(repeats):  # arms interleaved, so load drifts hit every arm alike
+        for arm, on in arms:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                runs[arm].append(pool.submit(_timed_run_in_child, task, on, steps, threads, seed).result())
+    rows = []
+    for arm, _ in arms:
+        rs = runs[arm]
+        us = statistics.median(1e6 * r["step_wall_s"] / r["samples_per_step"] for r in rs)
+        cpu_us = statistics.median(1e6 * r["step_cpu_s"] / r["samples_per_step"] for r in rs)
+        mem = statistics.median(r["peak_mem_mb"] for r in rs)
+        rows.append(
+            {
+                "task": task,
+                "trick": arm,
+                "steps": steps,
+                "repeats": repeats,
+                "us_per_sample": round(us, 3),
+                "cpu_us_per_sample": round(cpu_us, 3),
+                "peak_mem_mb": round(mem, 2),
+                "final_eval_s": round(statistics.median(r["final_eval_s"] for r in rs), 3),
+                "status": ",".join(sorted({r["status"] for r in rs})),
+            }
+        )
+    base = rows[0]
+    for row in rows:
+        row["time_rel"] = round(row["us_per_sample"] / base["us_per_sample"], 3)
+        row["cpu_time_rel"] = round(row["cpu_us_per_sample"] / base["cpu_us_per_sample"], 3)
+        row["mem_rel"] = round(row["peak_mem_mb"] / base["peak_mem_mb"], 3) if base["peak_mem_mb"] > 0 else math.nan
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 3: EMA / averaging update cost and kernels
+
+
+def _median_call_s(fn: Callable[[], None], calls: int = 200) -> tuple[float, float]:
+    """Median wall and thread-CPU seconds of one ``fn()`` call (after 10 warm-up calls)."""
+    for _ in range(10):
+        fn()
+    wall, cpu = [], []
+    for _ in range(calls):
+        w, c = time.perf_counter(), time.thread_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.thread_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _op_counts(fn: Callable[[], None]) -> dict[str, int]:
+    """aten operators one call of ``fn`` runs (top-level and nested), by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("aten::"):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+def averaging_costs(task: str, step_s: float, step_cpu_s: float, threads: int = 1, seed: int = 0) -> list[dict]:
+    """Cost of one ``ema`` and one ``posthoc_ema`` update on ``task``'s model against one step.
+
+    ``step_s``/``step_cpu_s``: the task's median harness step time without tricks (from
+    :func:`parity`, same process and threads). Kernels: whether the update is one fused
+    ``_foreach_lerp_`` and how many per-tensor copies it adds (buffers such as BN statistics).
+    """
+    from tricks import ema, weight_averaging
+
+    torch.set_num_threads(threads)
+    cell = perf_cell(task, seed=seed)
+    from experiments.registry import get_task
+
+    streams = SeedBundle(seed)
+    inst = get_task(task)(cell.config["params"], {}, streams, torch.device("cpu"), cell.config["train"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(streams.seed_for("init"))
+        model = inst.build_model()
+    sps = inst.samples_per_micro_batch(cell.config["train"]["batch_size"])
+    averagers: dict[str, Callable[[], None]] = {}
+    e = ema.EMA(model, half_life_samples=1000.0, samples_per_update=sps)
+    e.update(model)  # the first update is a copy; time the steady state
+    averagers["ema"] = lambda: e.update(model)
+    ph = weight_averaging.PostHocEMA(model, snapshot_every_samples=10**9, samples_per_update=sps)
+    averagers["posthoc_ema"] = lambda: ph.update(model)
+    rows = []
+    for name, fn in averagers.items():
+        wall, cpu = _median_call_s(fn)
+        ops = _op_counts(fn)
+        rows.append(
+            {
+                "task": task,
+                "update": name,
+                "update_us": round(1e6 * wall, 1),
+                "update_cpu_us": round(1e6 * cpu, 1),
+                "step_ms": round(1e3 * step_s, 3),
+                "overhead_pct": round(100 * wall / step_s, 2),
+                "overhead_cpu_pct": round(100 * cpu / step_cpu_s, 2),
+                "foreach_lerp_calls": ops.get("aten::_foreach_lerp_", 0),
+                "per_tensor_lerp_calls": ops.get("aten::lerp_", 0),
+                "per_tensor_copy_calls": ops.get("aten::copy_", 0),
+                "tensors": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers()),
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 4: where the data lives
+
+
+def data_residency(task: str, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The tensors a task instance holds (its in-memory dataset) and their devices; DataLoaders if any."""
+    from experiments.registry import get_task
+
+    cell = perf_cell(task, seed=seed)
+    dev = torch.device(device)
+    inst = get_task(task)(cell.config["params"], {}, SeedBundle(seed), dev, cell.config["train"])
+    tensors = {}
+    for name, value in vars(inst).items():
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for key, v in items:
+            for i, t in enumerate(v if isinstance(v, tuple) else (v,)):
+                if isinstance(t, torch.Tensor) and t.numel() > 0:
+                    label = name + (f"[{key!r}]" if key != "" else "") + (f"[{i}]" if isinstance(v, tuple) else "")
+                    tensors[label] = t
+    loaders = [n for n, v in vars(inst).items() if isinstance(v, torch.utils.data.DataLoader)]
+    on_device = all(t.device.type == dev.type for t in tensors.values())
+    return {
+        "task": task,
+        "device": device,
+        "tensors": ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items()) or "none (drawn per step)",
+        "mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 2),
+        "all_on_device": on_device,
+        "dataloaders": len(loaders),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 5: seed-vectorized training
+
+
+def vectorized_speed(
+    seeds: int = 8, steps: int = 300, repeats: int = 3, threads: int = 1, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``seeds`` toy_diffusion runs: vectorized (one process) against sequential harness runs.
+
+    Both in this process with ``threads`` threads, repeats interleaved; the first repeat
+    (warm-up) is dropped. Training time and total time (with task setup and the final
+    evaluation, which both do per seed) are reported; the per-seed results are compared too.
+    """
+    from bench.grid import expand
+    from bench.loop import RunContext, train
+    from bench.vectorized import train_vectorized
+
+    params = params or {"eval_samples_per_class": 64, "final_samples_per_class": 64}
+    probe = perf_cell("toy_diffusion", steps=steps, params=params)
+    spec = parse_spec(
+        {
+            "grid": "perf-vectorized",
+            "seeds": seeds,
+            "tasks": {"toy_diffusion": {"params": params, "train": probe.config["train"], "tricks": {}}},
+        }
+    )
+    cells = expand(spec)
+    torch.set_num_threads(threads)
+    seq_total, seq_train, vec_total, vec_train, max_metric_diff = [], [], [], [], 0.0
+    for r in range(repeats + 1):
+        order = ("vec", "seq") if r % 2 == 0 else ("seq", "vec")
+        for kind in order:
+            t0 = time.perf_counter()
+            if kind == "vec":
+                vec = train_vectorized(cells, threads=threads)
+                vec_total.append(time.perf_counter() - t0)
+                vec_train.append(sum(v["cost"]["train_s"] for v in vec))
+            else:
+                with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+                    seq = [train(c, Path(tmp) / c.run_id, RunContext(threads=threads)) for c in cells]
+                seq_total.append(time.perf_counter() - t0)
+                seq_train.append(sum(s["cost"]["train_s"] for s in seq))
+        for s, v in zip(seq, vec):
+            max_metric_diff = max(max_metric_diff, abs(s["metric"]["swd"] - v["metric"]["swd"]))
+    med = statistics.median
+    return {
+        "task": "toy_diffusion",
+        "seeds": seeds,
+        "steps": len(vec[0]["history"]["train"]["step"]),
+        "batch_size": cells[0].config["train"]["batch_size"],
+        "hidden": cells[0].config["params"]["hidden"],
+        "threads": threads,
+        "repeats": repeats,
+        "sequential_train_s": round(med(seq_train[1:]), 3),
+        "vectorized_train_s": round(med(vec_train[1:]), 3),
+        "speedup_train": round(med(seq_train[1:]) / med(vec_train[1:]), 3),
+        "sequential_total_s": round(med(seq_total[1:]), 3),
+        "vectorized_total_s": round(med(vec_total[1:]), 3),
+        "speedup_total": round(med(seq_total[1:]) / med(vec_total[1:]), 3),
+        "max_abs_swd_diff": max_metric_diff,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 6: scaling of a local grid, and the GPU-cluster estimate
+
+
+def grid_scaling(
+    runs: Sequence[int] = (4, 8, 16), jobs: Sequence[int] = (1, 2), task: str = "toy_diffusion", steps: int = 64
+) -> list[dict[str, Any]]:
+    """Wall time of ``bench run``'s local executor for grids of ``runs`` seeds × ``jobs`` workers.
+
+    Each grid: ``task`` at its tiny setting stretched to ``steps`` steps, baseline only, fresh
+    results folder; the wall time includes starting the worker processes.
+    """
+    from bench.executors.local import run_local
+    from bench.grid import expand
+    from experiments.registry import get_task
+
+    tiny = get_task(task).tiny or {"params": {}, "train": {}}
+    probe = perf_cell(task, steps=steps, params=tiny["params"], train=_without_budget(tiny["train"]))
+    rows = []
+    for n in runs:
+        spec = parse_spec(
+            {
+                "grid": "perf-scaling",
+                "seeds": n,
+                "tasks": {task: {"params": tiny["params"], "train": probe.config["train"], "tricks": {}}},
+            }
+        )
+        cells = expand(spec)
+        for j in jobs:
+            with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+                t0 = time.perf_counter()
+                counts = run_local(cells, Path(tmp), j, show_progress=False)
+                wall = time.perf_counter() - t0
+            rows.append(
+                {
+                    "task": task,
+                    "steps_per_run": steps,
+                    "runs": n,
+                    "jobs": j,
+                    "wall_s": round(wall, 2),
+                    "s_per_run": round(wall / n, 3),
+                    "completed": counts.get("completed", 0),
+                }
+            )
+    return rows
+
+
+def _without_budget(train: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v for k, v in train.items() if k not in ("budget_samples", "eval_every_samples", "checkpoint_every_samples")
+    }
+
+
+LAUNCH_US = 10.0  # assumed cost of one eager op on a GPU (Python + dispatch + kernel launch), microseconds
+GPU_TFLOPS = 20.0  # assumed effective fp32/TF32 throughput of an A100/H100-class GPU on these small matrices
+
+
+def _top_level_ops(prof: Any) -> int:
+    """aten operators called from Python (not from inside another aten op): one dispatch each."""
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def step_profile(cell: Cell, threads: int = 1) -> dict[str, float]:
+    """Ops, FLOPs and CPU time of one training step and one intermediate evaluation of ``cell``'s config.
+
+    Built like :func:`bare_train` (the optimizer with ``foreach=True``, as it defaults on GPUs);
+    one warm-up step, then one step profiled (aten ops called from Python, FLOPs by
+    ``torch.utils.flop_counter``) and timed; the same for ``evaluate(final=False)``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from experiments.registry import get_task
+
+    torch.set_num_threads(threads)
+    cfg, tr = cell.config, cell.config["train"]
+    streams = SeedBundle(cell.seed)
+    task = get_task(cfg["task"])(cfg["params"], {}, streams, torch.device("cpu"), tr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(streams.seed_for("init"))
+        model = task.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=tr["lr"], foreach=True)
+    bs = tr["batch_size"]
+
+    def step(i: int) -> None:
+        loss, _ = task.loss(model, task.batch(model, i, 0, bs, 0.5), i, 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def evaluate() -> None:
+        model.eval()
+        with torch.no_grad():
+            task.evaluate(model, False)
+        model.train()
+
+    step(0)
+    out: dict[str, float] = {}
+    for name, fn in (("step", lambda: step(1)), ("eval", evaluate)):
+        t0 = time.thread_time()
+        fn()
+        out[f"cpu_{name}_s"] = time.thread_time() - t0
+        with profile(activities=[ProfilerActivity.CPU]) as prof, FlopCounterMode(display=False) as flops:
+            fn()
+        out[f"ops_{name}"] = _top_level_ops(prof)
+        out[f"flops_{name}"] = float(flops.get_total_flops())
+    return out
+
+
+def cluster_estimate(
+    grids: Sequence[Path],
+    runs: int = 1000,
+    gpus: int = 8,
+    runs_per_gpu: int = 8,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Wall time of a ``runs``-run grid on ``gpus`` GPUs, per task config of the full grids ``grids``.
+
+    Per run: steps × t_step + evaluations × t_eval, each t = max(ops × LAUNCH_US, FLOPs /
+    GPU_TFLOPS) — eager PyTorch on a GPU is bound by per-op dispatch for models this small, by
+    arithmetic for large ones. Ops and FLOPs are counted here on CPU (:func:`step_profile`);
+    LAUNCH_US and GPU_TFLOPS are assumptions. The final evaluation is counted as an intermediate
+    one. ``runs_per_gpu`` runs share a GPU without slowing each other (each has its own CPU
+    core; the GPU is mostly idle for these models); waves = ceil(runs / (gpus × runs_per_gpu)).
+    Also given: the same run on one CPU core of this machine, from the measured CPU times.
+    """
+    from bench.spec import load_spec
+
+    rows = []
+    for path in grids:
+        spec = load_spec(path)
+        for t in spec.tasks:
+            sps = _samples_per_step(t.task, t.params, t.train, 0)
+            steps = math.ceil(t.train["budget_samples"] / sps)
+            evals = math.ceil(t.train["budget_samples"] / t.train["eval_every_samples"])
+            config = {"task": t.task, "params": t.params, "train": t.train, "tricks": {}, "seed": 0}
+            prof = step_profile(Cell(path.stem, t.label, "baseline", (), 0, config, run_id_of(config)), threads)
+            t_step = max(prof["ops_step"] * LAUNCH_US * 1e-6, prof["flops_step"] / (GPU_TFLOPS * 1e12))
+            t_eval = max(prof["ops_eval"] * LAUNCH_US * 1e-6, prof["flops_eval"] / (GPU_TFLOPS * 1e12))
+            per_run = steps * t_step + evals * t_eval
+            cpu_run = steps * prof["cpu_step_s"] + evals * prof["cpu_eval_s"]
+            waves = math.ceil(runs / (gpus * runs_per_gpu))
+            rows.append(
+                {
+                    "grid": path.name,
+                    "task": t.label,
+                    "steps_per_run": steps,
+                    "evals_per_run": evals,
+                    "ops_per_step": int(prof["ops_step"]),
+                    "gflop_per_step": round(prof["flops_step"] / 1e9, 3),
+                    "est_gpu_step_ms": round(1e3 * t_step, 3),
+                    "est_gpu_run_s": round(per_run, 1),
+                    "cpu_core_run_s": round(cpu_run, 1),
+                    "runs": runs,
+                    "gpus": gpus,
+                    "runs_per_gpu": runs_per_gpu,
+                    "waves": waves,
+                    "est_grid_h": round(waves * per_run / 3600, 2),
+                    "est_gpu_hours": round(runs * per_run / runs_per_gpu / 3600, 2),
+                }
+            )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, machine, CLI
+
+
+def machine_description() -> dict[str, str]:
+    """CPU model, usable cores, torch version and threads, load average now."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu": model,
+        "cores": str(cores),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_1_5_15min": load,
+    }
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of ``rows`` (the keys of the first row are the columns)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v != 0 else f"{v:.4g}"
+    return str(v)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench perf`` options."""
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (default: all)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="tasks to measure (default: every task that imports)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per measurement (default 5; first dropped)"
+    )
+    parser.add_argument("--trick-repeats", type=int, default=3, help="fresh-process repeats per trick arm (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1, as grids run)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per timed run (default: per task, a few seconds)"
+    )
+    parser.add_argument(
+        "--vectorized-seeds", type=int, default=8, help="seeds S of the vectorized benchmark (default 8)"
+    )
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_DIR, help="folder for the tables (default: benchmarks/)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke pass (few steps and repeats; noisy)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected parts, print and write the tables. Exit 1 if harness and bare losses disagree."""
+    from experiments.registry import available_tasks
+
+    tasks = args.tasks or list(available_tasks())
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        raise ValueError(f"--tasks: {', '.join(unknown)} not available; allowed: {', '.join(available_tasks())}")
+    for name in ("repeats", "trick_repeats", "threads", "vectorized_seeds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; allowed: ≥ 1")
+    if args.steps is not None and args.steps < 3:
+        raise ValueError(f"--steps: {args.steps} is not allowed; allowed: ≥ 3 (first and last steps are not timed)")
+    repeats, trick_repeats = (2, 1) if args.quick else (args.repeats, args.trick_repeats)
+
+    def steps_for(task: str) -> int:
+        base = args.steps or DEFAULT_STEPS.get(task, 100)
+        return max(3, base // 5) if args.quick else base
+
+    machine = machine_description()
+    stamp = dt.date.today().isoformat()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sections: list[str] = []
+    tables: dict[str, list[dict[str, Any]]] = {}
+    ok = True
+
+    def emit(part: str, title: str, rows: list[dict[str, Any]], note: str = "") -> None:
+        text = f"## {title}\n\n{note}\n\n{format_table(rows)}" if note else f"## {title}\n\n{format_table(rows)}"
+        print(text, flush=True)
+        sections.append(text)
+        tables[part] = rows
+
+    print(f"machine: {machine}", flush=True)
+    parity_rows: dict[str, ParityResult] = {}
+    if "parity" in args.only or "ema" in args.only:
+        for task in tasks:
+            parity_rows[task] = res = parity(task, steps_for(task), repeats, args.threads)
+            ok &= res.agree
+            if not res.agree:
+                print(f"error: {task}: harness and bare losses differ by {res.max_abs_loss_diff:.3g}", file=sys.stderr)
+        emit(
+            "parity",
+            "Harness vs bare PyTorch loop (no tricks)",
+            [p.row() for p in parity_rows.values()],
+            f"Step time = median over steps 2..n-1; ratio = harness/bare, median over {repeats} repeats with the "
+            f"first dropped (range over the kept repeats). Target ≤ {TARGET_RATIO}. Losses must agree to "
+            f"{DECIMALS} decimals.",
+        )
+    if "tricks" in args.only:
+        rows = [r for task in tasks for r in trick_costs(task, steps_for(task), trick_repeats, args.threads)]
+        emit(
+            "tricks",
+            "Cost of each trick relative to the baseline",
+            rows,
+            "Time per sample = mean step time (steps 2..n-1) / samples per step; peak memory = resident-memory "
+            f"growth of a fresh process (CPU; approximate). Median over {trick_repeats} fresh processes per arm.",
+        )
+    if "ema" in args.only:
+        rows = [
+            r
+            for task in tasks
+            for r in averaging_costs(
+                task,
+                parity_rows[task].harness_step_ms / 1e3,
+                parity_rows[task].harness_step_cpu_ms / 1e3,
+                args.threads,
+            )
+        ]
+        emit(
+            "ema",
+            "EMA and post-hoc EMA update cost per optimizer step",
+            rows,
+            "overhead = one update / the task's median harness step (no tricks). A fused update is one "
+            "aten::_foreach_lerp_; per-tensor copies are buffers (BatchNorm statistics) copied one by one.",
+        )
+    if "data" in args.only:
+        emit("data", "Where the training data lives", [data_residency(t) for t in tasks])
+    if "vectorized" in args.only:
+        vec_steps = max(10, steps_for("toy_diffusion"))
+        row = vectorized_speed(args.vectorized_seeds, vec_steps, max(1, repeats - 1), args.threads)
+        emit(
+            "vectorized",
+            "Seed-vectorized training (bench.vectorized) vs sequential runs",
+            [row],
+            "Same process and threads; times are medians over repeats (first dropped). total = setup + training "
+            "+ final evaluation (per seed in both).",
+        )
+    if "scaling" in args.only:
+        sizes = (2, 4) if args.quick else (4, 8, 16)
+        rows = grid_scaling(runs=sizes, steps=16 if args.quick else 64)
+        emit("scaling", "Local grid wall time by runs and --jobs", rows)
+        grids_dir = Path(__file__).resolve().parent.parent / "experiments" / "grids"
+        grid_files = sorted(grids_dir.glob("*_full.yaml")) or [grids_dir / "quick.yaml"]
+        est = cluster_estimate(grid_files, threads=args.threads)
+        emit(
+            "cluster",
+            "Estimate: a 1,000-run grid on a GPU cluster",
+            est,
+            f"Per run = steps × t_step + evaluations × t_eval (final evaluation counted as an intermediate one), "
+            f"t = max(ops × {LAUNCH_US:g} µs, FLOPs / {GPU_TFLOPS:g} TFLOP/s): ops (aten ops called from Python "
+            "per step / evaluation) and FLOPs counted on this machine for each full grid's configuration; the "
+            f"{LAUNCH_US:g} µs per eager op and {GPU_TFLOPS:g} TFLOP/s effective are assumptions for an "
+            "A100/H100-class GPU. 8 GPUs, 8 runs packed per GPU (--runs-per-gpu 8, one CPU core per run), all "
+            "runs equally long: waves = ceil(1000 / 64). cpu_core_run_s: the same run on one core of this "
+            "machine (measured step and evaluation times).",
+        )
+
+    header = "# bench perf\n\n" + "\n".join(f"- {k}: {v}" for k, v in machine.items())
+    options = (
+        f"--only {' '.join(args.only)} --tasks {' '.join(tasks)} --repeats {repeats} --trick-repeats {trick_repeats} "
+        f"--threads {args.threads}"
+        + (f" --steps {args.steps}" if args.steps else "")
+        + (" --quick" if args.quick else "")
+    )
+    header += f"\n- command: bench perf {options}\n\n"
+    md_path = args.out / f"perf_{stamp}.md"
+    md_path.write_text(header + "\n".join(sections))
+    for part, rows in tables.items():
+        _write_csv(args.out / f"perf_{stamp}_{part}.csv", rows)
+    print(f"written: {md_path} and {len(tables)} CSV file(s) in {args.out}")
+    return 0 if ok else 1

@@ -1,0 +1,349 @@
+"""Calibration and unit tests of bench/stats.py on simulated paired seeds (numpy only, no training).
+
+The simulation: seed s gives the reference arm 1 + u_s + e and the trick arm 1 + u_s + Δ + e',
+with a shared per-seed component u_s ~ N(0, σ_seed²) (what pairing cancels) and independent
+noise e, e' ~ N(0, σ_noise²). Numbers of repetitions are chosen so each check is a real test
+(a miscalibrated method falls outside the band) and the file runs in a few seconds:
+
+- coverage: 400 repetitions at n = 10 seeds. A correct 95% interval covers in 400·0.95 = 380
+  of them, binomial sd 4.4 (1.1%), so the 92–98% band is ±2.7 sd. The plain percentile or BCa
+  bootstrap covers ≈90% at n = 10 (measured: 90.8% / 90.0% on this very simulation) and fails
+  the band; the expanded level that stats.py uses is what brings it to ≈94%.
+- A/A: 200 repetitions × 4 null tricks sharing one reference arm at n = 8 seeds (the exact
+  sign-flip test's size at 0.05 is 12/256 = 0.047): the 1200 raw p-values must reject at
+  5% within a two-sided binomial band (P < 0.001 each side: 22..57 of 800), and Holm's
+  family-wise rate over the 200 families must stay within the upper band of 5% (≤ 21 of 200).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from bench import stats
+from bench.grid import design_arms, fractional_design
+
+RESAMPLES = 2000  # bootstrap resamples in these tests only (the reports use 10,000)
+
+
+def simulate(
+    rng: np.random.Generator, n: int, deltas: list[float], sd_seed: float = 1.0, sd_noise: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reference values (n,), arm values (n, len(deltas))) with a shared per-seed component."""
+    u = rng.normal(0, sd_seed, n)
+    ref = 1.0 + u + rng.normal(0, sd_noise, n)
+    arms = 1.0 + u[:, None] + np.asarray(deltas)[None, :] + rng.normal(0, sd_noise, (n, len(deltas)))
+    return ref, arms
+
+
+def binomial_band(n: int, p: float, tail: float = 0.001) -> tuple[int, int]:
+    return int(sps.binom.ppf(tail, n, p)), int(sps.binom.isf(tail, n, p))
+
+
+# --- calibration ----------------------------------------------------------------------------------------------
+def test_ci_covers_known_shift_at_nominal_rate() -> None:
+    """The shipped interval (BCa at the expanded level) on 400 simulated grids of 10 paired seeds."""
+    rng = np.random.default_rng(123)
+    delta, reps = -0.2, 400
+    covered = 0
+    for r in range(reps):
+        ref, arm = simulate(rng, 10, [delta])
+        eff = stats.paired_effect(arm[:, 0] - ref, False, n_resamples=RESAMPLES, seed=r)
+        assert eff.ci_method == "BCa"
+        covered += eff.ci_low <= delta <= eff.ci_high
+    assert 0.92 <= covered / reps <= 0.98, f"coverage {covered / reps:.3f}"
+
+
+def test_aa_false_positive_rate_and_holm_familywise_rate() -> None:
+    rng = np.random.default_rng(7)
+    reps, k, n = 200, 4, 8
+    raw_rejections = family_rejections = verdict_calls = 0
+    for r in range(reps):
+        ref, arms = simulate(rng, n, [0.0] * k)  # four tricks that do nothing, one shared reference arm
+        effects = [stats.paired_effect(arms[:, j] - ref, False, n_resamples=300, seed=r) for j in range(k)]
+        p = np.array([e.p for e in effects])
+        adjusted = stats.holm(p)
+        raw_rejections += int(np.sum(p < 0.05))
+        family_rejections += int(np.any(adjusted < 0.05))
+        verdict_calls += any(stats.verdict(e, q, m=k).label in ("helps", "hurts") for e, q in zip(effects, adjusted))
+    lo, hi = binomial_band(reps * k, 0.05)
+    assert lo <= raw_rejections <= hi, f"raw A/A rejections {raw_rejections}/{reps * k}, allowed {lo}..{hi}"
+    assert family_rejections <= binomial_band(reps, 0.05)[1], f"Holm FWER {family_rejections}/{reps}"
+    assert verdict_calls <= family_rejections  # a verdict needs a Holm rejection
+
+
+def test_seeds_needed_gives_the_promised_power() -> None:
+    """At n = seeds_needed(σ_d, Δ) a paired test detects Δ in ≈80% of repetitions (t-vs-z: ≈77%)."""
+    sd_d, delta = 1.0, 0.6
+    n = int(stats.seeds_needed(sd_d, delta))
+    assert n == math.ceil(7.849 / 0.36)
+    rng = np.random.default_rng(11)
+    reps = 300
+    hits = sum(
+        stats.paired_effect(rng.normal(delta, sd_d, n), True, n_resamples=1000, seed=r).p < 0.05 for r in range(reps)
+    )
+    assert 0.66 <= hits / reps <= 0.9, f"power {hits / reps:.3f} at n={n}"
+
+
+def test_pairing_detects_a_shift_the_unpaired_analysis_cannot() -> None:
+    """Seed noise 10× the measurement noise: pairing cancels it, an unpaired comparison drowns in it."""
+    rng = np.random.default_rng(3)
+    reps, n, delta = 100, 8, 0.3
+    paired = unpaired = 0
+    for r in range(reps):
+        ref, arm = simulate(rng, n, [delta], sd_seed=1.0, sd_noise=0.1)
+        paired += stats.paired_effect(arm[:, 0] - ref, True, n_resamples=500, seed=r).p < 0.05
+        unpaired += sps.ttest_ind(arm[:, 0], ref, equal_var=False).pvalue < 0.05
+    assert paired / reps >= 0.9
+    assert unpaired / reps <= 0.25
+
+
+# --- units ---------------------------------------------------------------------------------------------------
+def test_direction_awareness() -> None:
+    d = np.array([-0.3, -0.2, -0.25, -0.1, -0.35, -0.2, -0.15, -0.3])
+    lower = stats.paired_effect(d, higher_is_better=False, n_resamples=RESAMPLES)
+    higher = stats.paired_effect(d, higher_is_better=True, n_resamples=RESAMPLES)
+    assert lower.mean == higher.mean < 0
+    assert lower.gain > 0 > higher.gain
+    assert lower.frac_improved == 1.0 and higher.frac_improved == 0.0
+    assert lower.p == pytest.approx(2 / 2**8)  # all 8 differences negative: the most extreme of 256 patterns
+    assert stats.verdict(lower, lower.p).label == "helps"
+    assert stats.verdict(higher, higher.p).label == "hurts"
+    neutral = stats.paired_effect(d, higher_is_better=None, n_resamples=RESAMPLES)
+    assert math.isnan(neutral.frac_improved) and math.isnan(neutral.gain)
+    with pytest.raises(ValueError, match="higher_is_better"):
+        stats.verdict(neutral, neutral.p)
+
+
+def test_paired_effect_edge_cases() -> None:
+    assert stats.paired_effect([], True).n == 0
+    one = stats.paired_effect([0.5], True)
+    assert one.mean == 0.5 and math.isnan(one.p) and one.ci_method == "none"
+    same = stats.paired_effect([0.2] * 7, True, n_resamples=RESAMPLES)
+    assert same.ci_low == same.ci_high == same.mean == pytest.approx(0.2) and same.ci_method == "exact"
+    assert same.p == pytest.approx(2 / 2**7)
+    zeros = stats.paired_effect([0.0] * 5, True, n_resamples=RESAMPLES)
+    assert zeros.p == 1.0 and zeros.frac_improved == 0.0
+    tiny = stats.paired_effect([1e-300, 0.0, 0.0], True, n_resamples=RESAMPLES)  # BCa's jackknife underflows
+    assert tiny.ci_method == "percentile" and tiny.ci_low <= tiny.mean <= tiny.ci_high
+    with pytest.raises(ValueError, match="non-finite"):
+        stats.paired_effect([0.1, float("nan")], True)
+    with pytest.raises(ValueError, match="method"):
+        stats.paired_effect([0.1, 0.2, 0.3], True, method="studentized")
+
+
+def test_expanded_level() -> None:
+    assert stats.expanded_level(10) == pytest.approx(0.9829, abs=1e-4)
+    assert stats.expanded_level(1000) == pytest.approx(0.95, abs=1e-3)
+    assert stats.expanded_level(5) > stats.expanded_level(10) > stats.expanded_level(50) > 0.95
+    with pytest.raises(ValueError, match="n: 1"):
+        stats.expanded_level(1)
+
+
+def test_holm_and_bh_against_hand_computed_values() -> None:
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → monotone: 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(stats.holm(p), [0.03, 0.06, 0.06, 0.02])
+    # BH: 0.04·4/4 = 0.04, 0.03·4/3 = 0.04, 0.01·4/2 = 0.02, 0.005·4/1 = 0.02
+    np.testing.assert_allclose(stats.benjamini_hochberg(p), [0.02, 0.04, 0.04, 0.02])
+    with_nan = stats.holm([0.01, float("nan"), 0.04])  # nan is not part of the family (m = 2)
+    np.testing.assert_allclose(with_nan, [0.02, np.nan, 0.04])
+    np.testing.assert_allclose(stats.holm([0.3, 0.6]), [0.6, 0.6])
+    np.testing.assert_allclose(stats.holm([0.7, 0.9]), [1.0, 1.0])  # capped at 1
+    with pytest.raises(ValueError, match="outside"):
+        stats.holm([1.5])
+
+
+def test_seeds_needed_formula() -> None:
+    assert stats.seeds_needed(1.0, 1.0) == 8  # 7.85 → 8
+    assert stats.seeds_needed(2.0, 1.0) == 32  # 7.85·4 = 31.4
+    assert stats.seeds_needed(1.0, -0.5) == 32  # the sign of the effect does not matter
+    # pairing with no correlation (σ_d² = 2σ²) gives the unpaired two-arm 15.7·σ²/Δ² per arm
+    assert stats.seeds_needed(math.sqrt(2) * 1.0, 0.5) == math.ceil(15.7 / 0.25)
+    z = sps.norm.ppf(1 - 0.05 / 8) + sps.norm.ppf(0.8)  # Holm over 4 tricks: Bonferroni level α/4
+    assert stats.seeds_needed(1.0, 1.0, m=4) == math.ceil(z**2)
+    assert stats.seeds_needed(1.0, 0.0) == math.inf
+    assert stats.min_seeds_for_significance() == 6  # 2/2^6 = 0.031 < 0.05 ≤ 2/2^5
+    assert stats.min_seeds_for_significance(m=4) == 8  # 2/2^8·4 = 0.031
+    with pytest.raises(ValueError, match="power"):
+        stats.seeds_needed(1.0, 1.0, power=1.5)
+
+
+def _effect(mean: float, sd: float, n: int, lo: float, hi: float, hib: bool = False) -> stats.Effect:
+    return stats.Effect(n, mean, lo, hi, "BCa", 0.95, float("nan"), True, sd, 0.5, hib)
+
+
+def test_verdict_rules() -> None:
+    # significant and CI on the better side (lower is better: CI below 0) → helps
+    assert stats.verdict(_effect(-1.0, 0.5, 10, -1.3, -0.7), 0.01).label == "helps"
+    assert stats.verdict(_effect(1.0, 0.5, 10, 0.7, 1.3), 0.01).label == "hurts"
+    assert stats.verdict(_effect(1.0, 0.5, 10, 0.7, 1.3, hib=True), 0.01).label == "helps"
+    # significant p but the CI touches 0: no helps/hurts; large effect vs noise → needs more seeds
+    v = stats.verdict(_effect(-1.0, 1.0, 10, -2.0, 0.1), 0.03)
+    assert v.label == "needs more seeds" and v.seeds_needed == 8
+    # not significant, effect/noise d_z = 1 ≥ 0.5: needs more seeds, with the number
+    v = stats.verdict(_effect(-1.0, 1.0, 4, -2.0, 0.5), 0.2, m=1)
+    assert v.label == "needs more seeds" and v.seeds_needed == 8
+    # the attainable-p floor: 3 tricks need at least 7 seeds (2/2^7·3 = 0.047)
+    assert stats.verdict(_effect(-1.0, 0.1, 3, -1.1, -0.9), 0.75, m=3).seeds_needed == 7
+    # not significant and small relative to the noise → no detectable effect (seeds shown for information)
+    v = stats.verdict(_effect(-0.1, 1.0, 10, -0.7, 0.5), 0.7)
+    assert v.label == "no detectable effect" and v.seeds_needed == 785
+    assert stats.verdict(_effect(0.0, 0.0, 10, 0.0, 0.0), 1.0).label == "no detectable effect"
+    assert stats.verdict(_effect(-1.0, 0.0, 1, np.nan, np.nan), np.nan).label == "needs more seeds"
+
+
+def test_spread_ratio_recovers_a_known_ratio() -> None:
+    rng = np.random.default_rng(5)
+    off = rng.normal(0, 1.0, (40, 1))
+    on = rng.normal(0, 2.0, (40, 1))
+    ratio, lo, hi = stats.bootstrap_ratio_ci(on, off, n_resamples=RESAMPLES)
+    assert lo < 2.0 < hi and 1.5 < ratio < 2.7
+    assert math.isnan(stats.bootstrap_ratio_ci(on[:2], off[:2])[1])  # 2 seeds: no interval
+
+
+# --- designs -------------------------------------------------------------------------------------------------
+def _runs(
+    design: str,
+    tricks: list[str],
+    fraction: int,
+    n_seeds: int,
+    main: dict[str, float],
+    inter: dict[tuple[str, str], float],
+    rng: np.random.Generator,
+    sd_seed: float = 5.0,
+    sd_noise: float = 0.02,
+) -> pd.DataFrame:
+    """Runs of a grid whose metric is μ + u_s + Σ (E_t/2)·x_t + Σ (I_ab/2)·x_a·x_b + noise (x = ±1)."""
+    rows = []
+    for seed in range(n_seeds):
+        u = rng.normal(0, sd_seed)
+        for arm, on in design_arms(design, tricks, fraction):
+            x = {t: 1.0 if t in on else -1.0 for t in tricks}
+            y = 3.0 + u + sum(e / 2 * x[t] for t, e in main.items())
+            y += sum(e / 2 * x[a] * x[b] for (a, b), e in inter.items()) + rng.normal(0, sd_noise)
+            rows.append(
+                {
+                    "run_id": f"{arm}-{seed}",
+                    "arm": arm,
+                    "seed": seed,
+                    "status": "completed",
+                    "metric.loss": y,
+                    "stability.diverged": 0,
+                    "cost.train_s_per_sample": 1e-3 * (1.5 if "a" in on else 1.0),
+                    "cost.peak_mem_mb": 100.0,
+                    "cost.peak_mem_mb_per_sample": 2.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _analyze(runs: pd.DataFrame, design: str, tricks: list[str], fraction: int = 0) -> stats.TaskStats:
+    return stats.analyze_task(
+        runs, label="t", task="t", design=design, tricks=tricks, fraction=fraction, metric="loss",
+        higher_is_better=False, n_resamples=RESAMPLES,
+    )  # fmt: skip
+
+
+def test_full_factorial_recovers_main_effects_and_interactions() -> None:
+    tricks = ["a", "b", "c"]
+    main = {"a": -0.5, "b": 0.2, "c": 0.0}
+    inter = {("a", "b"): 0.3, ("a", "c"): 0.0, ("b", "c"): -0.1}
+    runs = _runs("full_factorial", tricks, 0, 8, main, inter, np.random.default_rng(1))
+    ts = _analyze(runs, "full_factorial", tricks)
+    eff = ts.effects[ts.effects["metric"] == "metric.loss"].set_index("term")
+    truth = {**main, **{f"{a}×{b}": v for (a, b), v in inter.items()}}
+    for term, value in truth.items():
+        r = eff.loc[term]
+        assert r["n"] == 8
+        assert r["ci_low"] <= value <= r["ci_high"], term
+        assert abs(r["mean"] - value) < 0.03, term  # seed noise (sd 5) is blocked out; only sd 0.02 remains
+    assert not eff["aliases"].any()
+    v = ts.verdicts.set_index("term")
+    assert v.loc["a", "verdict"] == "helps" and v.loc["b", "verdict"] == "hurts"
+    assert v.loc["a", "time_ratio"] == pytest.approx(1.5) and v.loc["b", "time_ratio"] == pytest.approx(1.0)
+    assert set(ts.interactions["term"]) == {"a×b", "a×c", "b×c"}
+    assert ts.resolution is None
+
+
+def test_fractional_factorial_resolution_aliases_and_estimates() -> None:
+    tricks = ["a", "b", "c", "d"]
+    rows, generators, resolution = fractional_design(4, 1)
+    assert resolution == 4 and generators == [(0, 1, 2)] and len(rows) == 8
+    main = {"a": -0.4, "b": 0.25, "c": 0.0, "d": 0.1}
+    inter = {("a", "b"): 0.3}  # aliased with c×d in this design
+    runs = _runs("fractional_factorial", tricks, 1, 6, main, inter, np.random.default_rng(2))
+    ts = _analyze(runs, "fractional_factorial", tricks, fraction=1)
+    assert ts.resolution == 4 and ts.defining_relation == ["d = a·b·c"]
+    eff = ts.effects[ts.effects["metric"] == "metric.loss"].set_index("term")
+    for t, value in main.items():  # resolution IV: main effects are clear of two-way interactions
+        assert eff.loc[t, "aliases"] == ""
+        assert abs(eff.loc[t, "mean"] - value) < 0.03
+    assert set(ts.interactions["term"]) == {"a×b", "a×c", "a×d"}
+    assert dict(zip(ts.interactions["term"], ts.interactions["aliases"])) == {"a×b": "c×d", "a×c": "b×d", "a×d": "b×c"}
+    assert abs(eff.loc["a×b", "mean"] - 0.3) < 0.03  # the estimate of the alias pair a×b + c×d
+
+
+def test_resolution_three_main_effects_list_their_aliases() -> None:
+    terms = stats.design_terms(
+        "fractional_factorial", ["a", "b", "c"], design_arms("fractional_factorial", ["a", "b", "c"], 1)
+    )
+    assert {t.name: t.aliases for t in terms} == {"a": ("b×c",), "b": ("a×c",), "c": ("a×b",)}
+    assert stats.interaction_terms(["a", "b", "c"], design_arms("fractional_factorial", ["a", "b", "c"], 1)) == []
+
+
+def test_one_at_a_time_and_leave_one_out_contrasts() -> None:
+    tricks = ["a", "b"]
+    oaat = stats.design_terms("one_at_a_time", tricks, design_arms("one_at_a_time", tricks))
+    assert [(t.name, t.weights) for t in oaat] == [
+        ("a", {"+a": 1.0, "baseline": -1.0}),
+        ("b", {"+b": 1.0, "baseline": -1.0}),
+    ]
+    loo = stats.design_terms("leave_one_out", tricks, design_arms("leave_one_out", tricks))
+    assert [(t.name, t.weights) for t in loo] == [
+        ("a", {"all": 1.0, "all-a": -1.0}),
+        ("b", {"all": 1.0, "all-b": -1.0}),
+    ]
+    # leave_one_out effect = all − all-t: a trick that lowers the loss by 0.5 shows −0.5
+    runs = _runs("leave_one_out", tricks, 0, 8, {"a": -0.5}, {}, np.random.default_rng(4))
+    ts = _analyze(runs, "leave_one_out", tricks)
+    v = ts.verdicts.set_index("term")
+    assert v.loc["a", "mean"] == pytest.approx(-0.5, abs=0.03) and v.loc["a", "verdict"] == "helps"
+    assert v.loc["b", "verdict"] in ("no detectable effect", "needs more seeds")
+    assert ts.reference_arm == "all"
+
+
+def test_diverged_pairs_are_excluded_and_divergence_decides_the_verdict() -> None:
+    rng = np.random.default_rng(9)
+    runs = _runs("one_at_a_time", ["a", "b"], 0, 8, {"a": -0.5, "b": -0.5}, {}, rng)
+    # trick a diverges in two seeds; trick b diverges in all eight
+    bad = ((runs["arm"] == "+a") & runs["seed"].isin([0, 1])) | (runs["arm"] == "+b")
+    runs.loc[bad, ["status", "metric.loss", "stability.diverged"]] = ["diverged", np.nan, 1]
+    ts = _analyze(runs, "one_at_a_time", ["a", "b"])
+    v = ts.verdicts.set_index("term")
+    assert v.loc["a", "n"] == 6 and v.loc["a", "n_excluded_diverged"] == 2
+    assert v.loc["a", "verdict"] == "helps"  # 6 clean pairs, Holm over 2 tricks: p = 2/64·2 < 0.05
+    assert v.loc["b", "n"] == 0 and v.loc["b", "n_excluded_diverged"] == 8
+    assert v.loc["b", "verdict"] == "hurts" and "diverged" in v.loc["b", "reason"]
+    st = ts.stability.set_index("term")
+    assert (st.loc["a", "diverged_total_on"], st.loc["a", "diverged_total_off"]) == (2, 0)
+    assert st.loc["b", "diverged_on"] == 1.0 and st.loc["b", "diverged_off"] == 0.0
+    arms = ts.arm_summary.set_index("arm")
+    assert arms.loc["+b", "diverged"] == 8 and arms.loc["+b", "completed"] == 0
+
+
+def test_metric_direction() -> None:
+    class T:
+        metric = "return"
+        higher_is_better = True
+        metric_directions = {"custom": False}
+
+    assert stats.metric_direction(T, "return") is True
+    assert stats.metric_direction(T, "custom") is False
+    assert stats.metric_direction(T, "test_psnr") is True
+    assert stats.metric_direction(T, "test_mse") is False
+    assert stats.metric_direction(T, "hint_sensitivity") is None
