@@ -233,6 +233,7 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams.seed_for("init"))
             self.model = self.task.build_model().to(self.device)
+        self.mem.rebase()  # count what training adds (optimizer, trick state, activations), not imports or data
         # performance options (all off by default; off = the plain eager fp32 path, unchanged results)
         if self.train_cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)

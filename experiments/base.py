@@ -57,6 +57,9 @@ class Task(ABC):
     #: the primary accuracy metric (a key returned by ``evaluate``) and its direction
     metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
+    #: direction of secondary metrics returned by ``evaluate`` (True = higher is better); the
+    #: report falls back to the metric's name (``psnr`` higher, ``mse`` lower) and otherwise shows none
+    metric_directions: ClassVar[dict[str, bool]] = {}
     #: defaults for the spec's ``train`` block (budget_samples, batch_size, lr, ...)
     train_defaults: ClassVar[dict[str, Any]]
     #: tricks' parameter defaults specific to this task, e.g. {"ema": {"half_life_samples": 500}}

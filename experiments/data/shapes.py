@@ -11,6 +11,8 @@ consumer). Generation is vectorised and a pure function of ``(n, seed)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["CLASSES", "make_shapes"]
@@ -18,8 +20,13 @@ __all__ = ["CLASSES", "make_shapes"]
 CLASSES = ("disk", "square", "triangle", "ring", "hstripes", "vstripes", "checker", "cross", "band", "two_disks")
 
 
+@functools.lru_cache(maxsize=4)
 def make_shapes(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images (uint8, N×3×size×size) and labels (int64) from ``seed``; balanced classes."""
+    """``n`` images (uint8, N×3×size×size) and labels (int64) from ``seed``; balanced classes.
+
+    Cached per process (the same set serves every run a worker trains): treat the returned
+    tensors as read-only.
+    """
     if n < 1:
         raise ValueError(f"n: {n} is not allowed; allowed: an integer ≥ 1")
     g = torch.Generator().manual_seed(int(seed))
