@@ -191,10 +191,10 @@ class WandbTracker:
         """Mirror ``metrics`` at optimizer step ``step``; steps ≤ the last one logged are skipped."""
         if not self.active or step <= self.last_step:
             return
-        # write-ahead: a kill between these two lines loses one mirrored point instead of sending it twice
-        store.atomic_write_json(self.state_path, {"wandb_id": self.wandb_id, "last_step": step})
-        self.last_step = step
         try:
+            # write-ahead: a kill between these two calls loses one mirrored point instead of sending it twice
+            store.atomic_write_json(self.state_path, {"wandb_id": self.wandb_id, "last_step": step})
+            self.last_step = step
             self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
         except (Exception, SystemExit) as exc:  # wandb's teardown paths can sys.exit; never into the loop
             self._disable("log", exc)
@@ -212,7 +212,6 @@ class WandbTracker:
                 self.run.mark_preempting()  # shown as preempted; a re-launch resumes the same wandb run
             self.run.finish(exit_code=0 if status in store.RunStatus.FINISHED else 1)
         except (Exception, SystemExit) as exc:
-            self.active = True  # so that _disable's warning reads right; it switches off again
             self._disable("finish", exc)
 
 
@@ -262,12 +261,18 @@ def make_tracker(
     Call once per training call of a run, after its folder exists and before ``train_cell``;
     pass the result as ``RunContext.tracker`` and call ``finish(result)`` afterwards.
     ``wandb_cfg`` is the spec's ``wandb`` block with the CLI flag applied (:func:`wandb_settings`).
-    Never raises for wandb trouble: it warns once and returns an offline tracker or None.
+    Never raises: trouble (wandb missing or failing, a bad ``WANDB_MODE``) is one warning and an
+    offline tracker or None. Launchers should call :func:`resolve_mode` once before anything
+    trains, so that a bad ``WANDB_MODE`` is rejected as bad input instead.
     """
     cfg = wandb_settings(wandb_cfg)
     if not cfg["enabled"]:
         return None
-    mode = resolve_mode(cfg["mode"])
+    try:
+        mode = resolve_mode(cfg["mode"])  # launchers call it before training, where a bad value is an error
+    except ValueError as exc:
+        warnings.warn(f"{exc}; not mirroring run {cell.run_id}", RuntimeWarning, stacklevel=2)
+        return None
     if mode == "disabled":
         return None
     host = _host(os.environ)
