@@ -88,9 +88,10 @@ STABILITY_METRICS = {
     "stability.late_roughness": False,
     "stability.final_train_loss": False,
 }
-#: metric-name fragments whose direction is known (used for secondary metrics without a declared direction)
-_HIGHER_IS_BETTER_HINTS = ("psnr", "ssim", "acc", "return", "reward", "auc", "score", "precision", "recall", "f1")
-_LOWER_IS_BETTER_HINTS = ("mse", "mae", "loss", "error", "distance", "wasserstein", "energy", "fid", "nll", "perplex")
+#: whole words of metric names ("test_psnr" → test, psnr) whose direction is unambiguous; used only for
+#: secondary metrics the task does not declare in ``metric_directions`` (no match = no preferred direction)
+_HIGHER_IS_BETTER_WORDS = frozenset({"psnr", "ssim", "acc", "accuracy", "return", "reward", "auc", "f1"})
+_LOWER_IS_BETTER_WORDS = frozenset({"mse", "mae", "rmse", "loss", "error", "nll", "fid", "perplexity", "wasserstein"})
 
 
 # --- pure statistics ---------------------------------------------------------------------------------------------
@@ -496,19 +497,17 @@ def metric_direction(task_cls: Any, metric: str) -> bool | None:
     """True if higher is better, False if lower is better, None if unknown.
 
     The task's primary metric uses its declared direction; other metrics use the task's optional
-    ``metric_directions`` mapping, then name hints (psnr/accuracy/return: higher; mse/loss/distance: lower).
+    ``metric_directions`` mapping, then whole words of the name (psnr/accuracy/return: higher;
+    mse/loss/error: lower). A wrong direction would mislabel effects, so anything else has none.
     """
     if task_cls is not None and metric == getattr(task_cls, "metric", None):
         return bool(task_cls.higher_is_better)
     declared = getattr(task_cls, "metric_directions", None) or {}
     if metric in declared:
         return bool(declared[metric])
-    name = metric.lower()
-    if any(h in name for h in _HIGHER_IS_BETTER_HINTS):
-        return True
-    if any(h in name for h in _LOWER_IS_BETTER_HINTS):
-        return False
-    return None
+    words = set(metric.lower().split("_"))
+    higher, lower = bool(words & _HIGHER_IS_BETTER_WORDS), bool(words & _LOWER_IS_BETTER_WORDS)
+    return None if higher == lower else higher
 
 
 # --- one task of a grid ------------------------------------------------------------------------------------------

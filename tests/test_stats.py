@@ -346,4 +346,7 @@ def test_metric_direction() -> None:
     assert stats.metric_direction(T, "custom") is False
     assert stats.metric_direction(T, "test_psnr") is True
     assert stats.metric_direction(T, "test_mse") is False
+    assert stats.metric_direction(T, "train_return_auc") is True
     assert stats.metric_direction(T, "hint_sensitivity") is None
+    assert stats.metric_direction(T, "class_fidelity") is None  # "fid" is a word, not a substring
+    assert stats.metric_direction(T, "accuracy_loss") is None  # contradicting words: no direction
