@@ -244,19 +244,21 @@ def run_view(rdir: Path, job: str | None, queue: dict[str, str] | None) -> tuple
 def cmd_status(grid: Path) -> int:
     spec, cells = grid_cells(grid)
     results_root = Path(grid).parent
-    from bench.executors.slurm import job_records, queue_states
+    from bench.executors.slurm import job_name, job_records, queue_states
 
     jobs = job_records(grid)
-    queue = queue_states() if jobs else None
+    dirs = {c.run_id: store.run_dir(results_root, spec.grid, c.run_id) for c in cells}
+    unfinished = any(store.run_status(d) not in store.RunStatus.FINISHED for d in dirs.values())
+    queue = queue_states(job_name(spec.grid)) if jobs and unfinished else None  # ask SLURM only when it matters
     counts: dict[str, int] = {}
     rows = []
     for c in cells:
-        st, detail = run_view(store.run_dir(results_root, spec.grid, c.run_id), jobs.get(c.run_id), queue)
+        st, detail = run_view(dirs[c.run_id], jobs.get(c.run_id), queue)
         counts[st] = counts.get(st, 0) + 1
         rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}".rstrip())
     order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
     print(f"grid {spec.grid}: {len(cells)} runs — " + ", ".join(f"{counts[s]} {s}" for s in order))
-    if jobs and queue is None:
+    if jobs and unfinished and queue is None:
         print("  (squeue does not answer: running/pending from the runs' state.json only)")
     print("\n".join(rows))
     return 0

@@ -64,6 +64,7 @@ __all__ = [
     "parity",
     "perf_cell",
     "run",
+    "tiny_cell",
 ]
 
 PARTS = ("parity", "tricks", "ema", "data", "vectorized", "scaling")
@@ -101,6 +102,19 @@ def perf_cell(
     config = _validated(task, tricks or {}, params or {}, train, seed)
     on = tuple(config["tricks"])
     return Cell("perf", task, "+".join(on) or "baseline", on, seed, config, run_id_of(config))
+
+
+def tiny_cell(task: str, steps: int, tricks: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> Cell:
+    """A one-run cell of ``task`` at its ``tiny`` setting (seconds) for ``steps`` steps; ``train`` overrides."""
+    from experiments.registry import get_task
+
+    tiny = get_task(task).tiny or {"params": {}, "train": {}}
+    given = {
+        k: v
+        for k, v in tiny["train"].items()
+        if k not in ("budget_samples", "eval_every_samples", "checkpoint_every_samples")
+    }
+    return perf_cell(task, tricks, steps=steps, params=tiny["params"], train=given | (train or {}))
 
 
 def _validated(task: str, tricks: dict[str, Any], params: dict[str, Any], train: dict[str, Any], seed: int) -> dict:
@@ -408,15 +422,15 @@ def _median_call_s(fn: Callable[[], None], calls: int = 200) -> tuple[float, flo
 
 
 def _op_counts(fn: Callable[[], None]) -> dict[str, int]:
-    """aten operators one call of ``fn`` runs (top-level and nested), by name."""
+    """aten operators one call of ``fn`` dispatches from Python (not those inside another aten op), by name."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     counts: dict[str, int] = {}
-    for event in prof.events():
-        if event.name.startswith("aten::"):
-            counts[event.name] = counts.get(event.name, 0) + 1
+    for e in prof.events():
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+            counts[e.name] = counts.get(e.name, 0) + 1
     return counts
 
 
@@ -461,6 +475,7 @@ def averaging_costs(task: str, step_s: float, step_cpu_s: float, threads: int = 
                 "foreach_lerp_calls": ops.get("aten::_foreach_lerp_", 0),
                 "per_tensor_lerp_calls": ops.get("aten::lerp_", 0),
                 "per_tensor_copy_calls": ops.get("aten::copy_", 0),
+                "ops_per_update": sum(ops.values()),
                 "tensors": sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers()),
             }
         )
@@ -565,27 +580,29 @@ def vectorized_speed(
 # Part 6: scaling of a local grid, and the GPU-cluster estimate
 
 
+SCALING_PARAMS = {"toy_diffusion": {"eval_samples_per_class": 256, "final_samples_per_class": 256}}
+
+
 def grid_scaling(
-    runs: Sequence[int] = (4, 8, 16), jobs: Sequence[int] = (1, 2), task: str = "toy_diffusion", steps: int = 64
+    runs: Sequence[int] = (4, 8, 16), jobs: Sequence[int] = (1, 2), task: str = "toy_diffusion", steps: int = 500
 ) -> list[dict[str, Any]]:
     """Wall time of ``bench run``'s local executor for grids of ``runs`` seeds × ``jobs`` workers.
 
-    Each grid: ``task`` at its tiny setting stretched to ``steps`` steps, baseline only, fresh
-    results folder; the wall time includes starting the worker processes.
+    Each grid: ``task`` at its default size (smaller final evaluation) for ``steps`` steps,
+    baseline only, fresh results folder; the wall time includes starting the worker processes.
     """
     from bench.executors.local import run_local
     from bench.grid import expand
-    from experiments.registry import get_task
 
-    tiny = get_task(task).tiny or {"params": {}, "train": {}}
-    probe = perf_cell(task, steps=steps, params=tiny["params"], train=_without_budget(tiny["train"]))
+    params = SCALING_PARAMS.get(task, {})
+    probe = perf_cell(task, steps=steps, params=params)
     rows = []
     for n in runs:
         spec = parse_spec(
             {
                 "grid": "perf-scaling",
                 "seeds": n,
-                "tasks": {task: {"params": tiny["params"], "train": probe.config["train"], "tricks": {}}},
+                "tasks": {task: {"params": params, "train": probe.config["train"], "tricks": {}}},
             }
         )
         cells = expand(spec)
@@ -605,13 +622,10 @@ def grid_scaling(
                     "completed": counts.get("completed", 0),
                 }
             )
+    one_job = {r["runs"]: r["wall_s"] for r in rows if r["jobs"] == 1}
+    for r in rows:
+        r["speedup_vs_1_job"] = round(one_job[r["runs"]] / r["wall_s"], 2) if r["runs"] in one_job else math.nan
     return rows
-
-
-def _without_budget(train: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v for k, v in train.items() if k not in ("budget_samples", "eval_every_samples", "checkpoint_every_samples")
-    }
 
 
 LAUNCH_US = 10.0  # assumed cost of one eager op on a GPU (Python + dispatch + kernel launch), microseconds
@@ -891,7 +905,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if "scaling" in args.only:
         sizes = (2, 4) if args.quick else (4, 8, 16)
-        rows = grid_scaling(runs=sizes, steps=16 if args.quick else 64)
+        rows = grid_scaling(runs=sizes, steps=50 if args.quick else 500)
         emit("scaling", "Local grid wall time by runs and --jobs", rows)
         grids_dir = Path(__file__).resolve().parent.parent / "experiments" / "grids"
         grid_files = sorted(grids_dir.glob("*_full.yaml")) or [grids_dir / "quick.yaml"]

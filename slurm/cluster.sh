@@ -14,7 +14,7 @@
 #
 # Environment knobs (all optional):
 #   TRICKBENCH_SLURM_PARTITION   partition name (default: debug)
-#   TRICKBENCH_SLURM_OVERSUBSCRIBE  jobs that may share one core (default: 8, so many tiny array tasks run at once)
+#   TRICKBENCH_SLURM_OVERSUBSCRIBE  jobs that may share one core (default: 4, so many tiny array tasks run at once)
 #   TRICKBENCH_SLURM_START_TIMEOUT  seconds to wait for the node to become idle (default: 90)
 set -euo pipefail
 
@@ -23,7 +23,7 @@ STATE_DIR=/var/spool/trickbench-slurm
 LOG_DIR=/var/log/slurm
 RUN_DIR=/run/trickbench-slurm
 PARTITION=${TRICKBENCH_SLURM_PARTITION:-debug}
-OVERSUBSCRIBE=${TRICKBENCH_SLURM_OVERSUBSCRIBE:-8}
+OVERSUBSCRIBE=${TRICKBENCH_SLURM_OVERSUBSCRIBE:-4}
 START_TIMEOUT=${TRICKBENCH_SLURM_START_TIMEOUT:-90}
 MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=$RUN_DIR/slurmctld.pid
@@ -67,7 +67,9 @@ write_config() {
   local host cpus mem_per_cpu
   host=$(hostname -s)
   cpus=$(nproc)
-  mem_per_cpu=$(awk -v c="$cpus" '/^MemTotal:/ {m = int($2 / 1024 * 0.9 / c / 8); print (m > 256 ? m : 256)}' /proc/meminfo)
+  # default memory of a job per CPU: enough for every oversubscribed job of a full node to fit
+  mem_per_cpu=$(awk -v c="$cpus" -v o="$OVERSUBSCRIBE" \
+    '/^MemTotal:/ {m = int($2 / 1024 * 0.9 / c / o); print (m > 256 ? m : 256)}' /proc/meminfo)
   mkdir -p "$CONF_DIR" "$STATE_DIR/ctld" "$STATE_DIR/d" "$LOG_DIR" "$RUN_DIR"
   cat > "$CONF_DIR/slurm.conf.new" <<EOF
 # Written by slurm/cluster.sh (trickbench): a single-node test cluster. Edits are overwritten by \`start\`.

@@ -41,17 +41,21 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_baseline_learns_far_above_random_policy(tmp_path: Path) -> None:
-    """The quick-grid baseline (no replay buffer, hard target) on CartPole-v1, one seed."""
-    cell = cell_for(TASK, seed=1)
+    """The quick-grid baseline (no replay buffer, hard target copies) on CartPole-v1, seed 0.
+
+    Measured over seeds 0-5 (24000 transitions): greedy eval returns 186, 108, 97, 264, 125, 119
+    against 20-28 for the uniform-random policy on the same episodes.
+    """
+    cell = cell_for(TASK, seed=0)
     result = train(cell, tmp_path / "run", RunContext(threads=1))
     assert result["status"] == "completed"
     learned = result["metric"]["eval_return"]
-    task, _ = _task(seed=1)
+    task, _ = _task(seed=0)
     episodes = task.p["eval_episodes"]
-    random_return = sum(task.rollout_returns(None, episodes)) / episodes  # same evaluation episodes
+    random_return = sum(task.rollout_returns(None, episodes)) / episodes  # the same evaluation episodes
     assert 10 < random_return < 40  # CartPole's uniform-random policy: ~22
     assert learned > 100 and learned > 4 * random_return, (learned, random_return)
-    assert result["metric"]["episodes"] > 50
+    assert result["metric"]["train_return_auc"] > 2 * random_return  # the training curve rises too
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -66,6 +70,7 @@ RESUME_CASES = {
     "target_ema": ({}, {"target_update": "ema", "target_half_life_samples": 64.0}),
     "accumulation": ({"accumulation": {"micro_batches": 2}}, {}),
     "acrobot": ({"replay_buffer": None}, {"env": "Acrobot-v1"}),
+    "mountaincar": ({"fourier_features": {"num_features": 8}}, {"env": "MountainCar-v0"}),
 }
 
 
@@ -81,7 +86,8 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path: Path, case: str) -> None:
     assert train(cell, out, RunContext(threads=1, max_steps=stop_at)) == {"status": "interrupted", "step": stop_at}
     task_state = torch.load(out / "checkpoint.pt", weights_only=True)["task"]
     assert task_state["elapsed_steps"] > 0, "the interruption should fall mid-episode"
-    assert task_state["episode"] > 0 or case == "acrobot"  # CartPole episodes have ended and reset before
+    if case not in ("acrobot", "mountaincar"):  # CartPole episodes have ended and been reset before
+        assert task_state["episode"] > 0
     # a second interruption, then to the end
     assert train(cell, out, RunContext(threads=1, max_steps=(total - stop_at) // 2 + 1))["status"] == "interrupted"
     resumed = train(cell, out, RunContext(threads=1))
@@ -117,11 +123,14 @@ def test_replay_off_learns_from_the_most_recent_transitions_only() -> None:
     params = SMALL_PARAMS | {"eps_start": 1.0, "eps_end": 1.0}
     off, model = _task({}, params, SMALL_TRAIN)
     on, _ = _task({"replay_buffer": {"capacity": 4096}}, params, SMALL_TRAIN)
-    per_step, m = off.p["env_steps_per_update"], 32
+    # micro-batches of 16 (accumulation k = 2): the window kept (32) is longer than what is learned from
+    m = 16
+    per_call = off.samples_per_micro_batch(m)
+    assert per_call == off.p["env_steps_per_update"] // 2
     saw_older = False
-    for step in range(60):
+    for step in range(100):
         b_off, b_on = off.batch(model, step, 0, m, 0.0), on.batch(model, step, 0, m, 0.0)
-        n = (step + 1) * per_step  # transitions so far
+        n = (step + 1) * per_call  # transitions so far
         # the replay buffer (capacity > n) holds the whole stream in order: its tail is the recent window
         stream = on.unpack(on.buffer.state_dict()["storage"]["transition"])
         assert len(stream["obs"]) == n

@@ -49,6 +49,7 @@ __all__ = [
     "WorkerSettings",
     "check_cluster",
     "cli_flag",
+    "job_name",
     "job_records",
     "parse_time_left",
     "queue_states",
@@ -327,15 +328,21 @@ def job_records(grid_dir: Path) -> dict[str, str]:
         return {}
 
 
-def queue_states(user: str | None = None) -> dict[str, str] | None:
-    """Job (array task) id -> state (PENDING, RUNNING, COMPLETING, ...) of the user's jobs still in the queue.
+def job_name(grid: str) -> str:
+    """The SLURM job name of a grid's arrays (also how its jobs are told apart from others with reused ids)."""
+    return f"trickbench-{grid}"
+
+
+def queue_states(name: str | None = None) -> dict[str, str] | None:
+    """Job (array task) id -> state (PENDING, RUNNING, COMPLETING, ...) of this user's jobs still in the queue,
+    only those named ``name`` when given.
 
     None when ``squeue`` is not installed or the controller does not answer (a local grid, or no cluster).
     """
     if shutil.which("squeue") is None:
         return None
-    cmd = ["squeue", "-h", "-r", "-o", "%i|%T"]
-    cmd += ["-u", user] if user else ["-u", str(os.getuid())]
+    cmd = ["squeue", "-h", "-r", "-o", "%i|%T", "-u", str(os.getuid())]
+    cmd += [f"--name={name}"] if name else []
     try:
         out = _run(cmd, timeout_s=30)
     except (OSError, subprocess.SubprocessError):
@@ -350,12 +357,12 @@ def queue_states(user: str | None = None) -> dict[str, str] | None:
     return states
 
 
-def _queued_runs(grid_dir: Path) -> dict[str, str]:
+def _queued_runs(grid_dir: Path, grid: str) -> dict[str, str]:
     """run_id -> job id for the grid's runs whose last job is still in the queue (never submit those twice)."""
     records = job_records(grid_dir)
     if not records:
         return {}
-    queue = queue_states()
+    queue = queue_states(job_name(grid))
     if queue is None:
         raise ValueError("--executor slurm: squeue does not answer; cannot tell which runs are already queued")
     return {rid: job for rid, job in records.items() if job in queue}
@@ -389,14 +396,14 @@ def submit_grid(
     from bench import store
 
     folder = Path(grid_dir).resolve() / SUBMITIT_DIR
-    queued = _queued_runs(grid_dir)
+    queued = _queued_runs(grid_dir, grid_name)
     todo = [c for c in cells if c.run_id not in queued]
     if not todo:
         return Submission([], {}, queued, folder)
     k = options.runs_per_task
     chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
     executor = submitit.SlurmExecutor(folder=folder / "%j", max_num_timeout=options.max_requeues)
-    executor.update_parameters(**options.submitit_parameters(job_name=f"trickbench-{grid_name}"))
+    executor.update_parameters(**options.submitit_parameters(job_name(grid_name)))
     task = SlurmTask(settings)
     root = str(Path(results_root).resolve())
     try:
@@ -568,6 +575,14 @@ class SlurmTask(Checkpointable):
         """
         return DelayedSubmission(self, cells, results_root)
 
+    @staticmethod
+    def _unfinished(cells: list[Any], root: Path) -> list[Any]:
+        from bench import store
+
+        return [
+            c for c in cells if store.run_status(store.run_dir(root, c.grid, c.run_id)) not in store.RunStatus.FINISHED
+        ]
+
     def __call__(self, cells: list[dict[str, Any]], results_root: str) -> dict[str, str]:
         stop = _StopSignals().install()
         register_extra_tasks()
@@ -591,8 +606,8 @@ class SlurmTask(Checkpointable):
             if res["status"] == "interrupted":
                 interrupted = (cell, res.get("step"))
                 break
-        if not stop.is_set():
-            return statuses
+        if not stop.is_set() or (interrupted is None and not self._unfinished(all_cells, root)):
+            return statuses  # no signal, or one that came after the last run finished
 
         received = set(stop.received)
         usr = _preempt_signal().name
@@ -623,12 +638,7 @@ class SlurmTask(Checkpointable):
                 statuses[cell.run_id] = store.RunStatus.INCOMPLETE
             else:
                 requeue_state = (state, {"timeouts": timeouts, "reason": why, "step": step})
-        unfinished = [
-            c
-            for c in all_cells
-            if store.run_status(store.run_dir(root, c.grid, c.run_id)) not in store.RunStatus.FINISHED
-        ]
-        if not unfinished:
+        if not self._unfinished(all_cells, root):  # e.g. the interrupted run, the task's last, is now incomplete
             return statuses
         error = _requeue(job_id)
         if requeue_state is not None:
