@@ -23,9 +23,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "RunStatus",
@@ -124,7 +125,7 @@ def run_status(path: Path) -> str:
     return RunStatus.PENDING
 
 
-def load_grid(path: Path) -> pd.DataFrame:
+def load_grid(path: Path) -> pd.DataFrame:  # pandas imported lazily: SLURM workers never need it
     """One row per run of the grid folder ``path``, finished or not (tidy; pandas-ready).
 
     Columns: run_id, task, arm, seed, status, one 0/1 column per trick (``trick.<name>``),
@@ -154,11 +155,15 @@ def load_grid(path: Path) -> pd.DataFrame:
             row["diverged_step"] = res.get("diverged_step")
             row["reason"] = res.get("reason")
         rows.append(row)
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
 def load_curves(path: Path, kind: str = "curve") -> pd.DataFrame:
     """All runs' ``curve.csv`` (kind="curve") or ``train.csv`` (kind="train"), with run columns."""
+    import pandas as pd
+
     frames = []
     runs = Path(path) / "runs"
     for rdir in sorted(runs.iterdir()) if runs.is_dir() else []:
