@@ -69,6 +69,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="mirror runs to Weights & Biases (offline when no account); overrides the spec",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local executor with --device cuda: train N runs at once on each visible GPU (replaces --jobs)",
+    )
     _add_slurm(p)
 
 

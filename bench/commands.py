@@ -58,6 +58,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: {args.threads} is not allowed; allowed: an integer ≥ 1")
+    if args.runs_per_gpu is not None and args.executor != "local":
+        raise ValueError(
+            f"--runs-per-gpu: only with --executor local (got --executor {args.executor}); on SLURM "
+            "pack short runs with --runs-per-task"
+        )
     slurm = slurm_options(args)  # ValueError naming the flag: nothing written
     if slurm is not None and not args.dry_run:
         from bench.executors.slurm import check_cluster
@@ -77,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_slurm(launch, args, slurm, version)
     from bench.executors.local import default_jobs, run_debug, run_local
 
+    wandb_cfg = _wandb_cfg(launch, args)
     if args.executor == "debug":
         counts = run_debug(
             launch.todo,
@@ -86,6 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             code_version=version,
             grid_tricks=launch.grid_tricks,
             show_progress=not args.no_progress,
+            wandb_cfg=wandb_cfg,
         )
     else:
         counts = run_local(
@@ -97,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             code_version=version,
             grid_tricks=launch.grid_tricks,
             show_progress=not args.no_progress,
+            runs_per_gpu=args.runs_per_gpu,
+            wandb_cfg=wandb_cfg,
         )
     store.write_summary(launch.grid_dir)
     if counts:
@@ -105,18 +114,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if counts.get(store.RunStatus.FAILED) else 0
 
 
+def _wandb_cfg(launch: LaunchPlan, args: argparse.Namespace) -> dict:
+    """The spec's wandb block with ``--wandb/--no-wandb`` applied; a bad WANDB_MODE is an error up front."""
+    cfg = dict(launch.spec.wandb) | ({"enabled": bool(args.wandb)} if args.wandb is not None else {})
+    if cfg["enabled"]:
+        from bench.tracking import resolve_mode
+
+        resolve_mode(cfg["mode"])
+    return cfg
+
+
 def _write_report(grid_dir: Path, args: argparse.Namespace) -> None:
     if not args.no_report:
-        from bench.report import write_report
+        from bench.report import terminal_summary, write_report
 
-        print(f"report: {write_report(grid_dir)}")
+        path = write_report(grid_dir)
+        print(terminal_summary(grid_dir))
+        print(f"report: {path}")
 
 
 def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptions, version: str) -> int:
     """Submit the runs still to train as a job array; with ``--slurm-wait`` follow them to the end."""
     from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
 
-    wandb_cfg = dict(launch.spec.wandb) | ({"enabled": bool(args.wandb)} if args.wandb is not None else {})
+    wandb_cfg = _wandb_cfg(launch, args)
     settings = WorkerSettings(
         device=args.device,
         threads=args.threads or 1,

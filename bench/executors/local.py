@@ -88,6 +88,7 @@ def _worker(
     code_version: str,
     grid_tricks: list[str],
     queue: Any,
+    wandb_cfg: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     cell = Cell.from_dict(cell_dict)
 
@@ -97,7 +98,7 @@ def _worker(
     ctx = RunContext(
         device=_DEVICE or device, threads=threads, stop=_STOP.is_set, on_progress=progress, code_version=code_version
     )
-    result = run_one(cell, Path(results_root), ctx, grid_tricks)
+    result = run_one(cell, Path(results_root), ctx, grid_tricks, wandb_cfg=wandb_cfg)
     queue.put((cell.run_id, None, None, None))
     return {"run_id": cell.run_id, "status": result["status"], "error": result.get("error")}
 
@@ -117,6 +118,7 @@ def run_local(
     grid_tricks: dict[str, list[str]] | None = None,
     show_progress: bool = True,
     runs_per_gpu: int | None = None,
+    wandb_cfg: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Train ``cells`` in a pool of ``jobs`` processes; return counts by final status.
 
@@ -157,6 +159,7 @@ def run_local(
                     code_version,
                     grid_tricks.get(c.task, list(c.tricks_on)),
                     queue,
+                    wandb_cfg,
                 ): c
                 for c in cells
             }
@@ -207,12 +210,15 @@ def run_debug(
     code_version: str = "unknown",
     grid_tricks: dict[str, list[str]] | None = None,
     show_progress: bool = True,
+    wandb_cfg: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Train ``cells`` one after another in this process (breakpoints work; exceptions are stored)."""
     counts: dict[str, int] = {}
     grid_tricks = grid_tricks or {}
     for cell in tqdm(cells, desc="grid", unit="run", disable=not show_progress):
         ctx = RunContext(device=device, threads=threads or 1, code_version=code_version)
-        res = run_one(cell, Path(results_root), ctx, grid_tricks.get(cell.task, list(cell.tricks_on)))
+        res = run_one(
+            cell, Path(results_root), ctx, grid_tricks.get(cell.task, list(cell.tricks_on)), wandb_cfg=wandb_cfg
+        )
         counts[res["status"]] = counts.get(res["status"], 0) + 1
     return counts
