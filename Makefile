@@ -13,9 +13,10 @@ $(BIN)/bench: pyproject.toml
 demo: $(BIN)/bench        ## the quick suite over all three tasks: local executor, offline data, report at the end
 	$(BIN)/bench run experiments/grids/quick.yaml
 
-test: $(BIN)/bench        ## lint, then the whole test suite (SLURM tests run when the cluster is up)
+test: $(BIN)/bench        ## lint, the whole test suite (SLURM tests run when the cluster is up), the regression check
 	$(BIN)/ruff check bench tricks experiments tests
 	$(BIN)/python -m pytest -q
+	$(BIN)/bench check --no-progress
 
 lint: $(BIN)/bench
 	$(BIN)/ruff check bench tricks experiments tests
