@@ -159,7 +159,14 @@ class RLPolicy(Task):
         "stratified_sampling",
     )
     params = (
-        Param("env", str, "CartPole-v1", "gymnasium environment (discrete actions)", choices=tuple(ENVS)),
+        Param(
+            "env",
+            str,
+            "CartPole-v1",
+            "gymnasium environment (discrete actions); the defaults are tuned for CartPole-v1 — Acrobot-v1 and "
+            "MountainCar-v0 train and resume exactly but are not learned at these settings",
+            choices=tuple(ENVS),
+        ),
         Param("hidden", int, 64, "width of the two hidden layers", "units", low=1, high=4096),
         Param("gamma", float, 0.99, "discount factor of the TD target", low=0.0, high=1.0, high_open=True),
         Param(
