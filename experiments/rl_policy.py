@@ -229,6 +229,7 @@ class RLPolicy(Task):
     )
     metric = "eval_return"
     higher_is_better = True
+    metric_directions = {"train_return_auc": True}
     train_defaults = {
         "budget_samples": 24000,
         "batch_size": 64,
