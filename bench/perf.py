@@ -20,13 +20,13 @@ and written to ``benchmarks/perf_<date>.md`` (with the machine description and l
 - ``scaling``: wall time of a small grid on the local executor by number of runs and ``--jobs``,
   and an estimate for a 1,000-run grid on GPUs (assumptions printed with it).
 
-Step times: the harness reports every step through its ``on_progress`` callback (interval 0;
-the callback's ~2 µs are counted against the harness), the bare loop records the same clock
-at the same point. The first step (warm-up) and the last (the harness evaluates there) are
-dropped; a repeat's step time is the median over its steps, wall clock and thread CPU time
-(``time.thread_time``: insensitive to other processes taking the cores); the ratio is the
-median over repeats after dropping the first repeat. Timings on a shared machine are noisy:
-the load average is recorded with every table.
+Step times (parity): the two loops train interleaved, step by step — after each harness step
+(its ``on_progress`` callback, interval 0) the bare loop trains its own next step — so both see
+the same machine load; each step is timed in wall clock and thread CPU time
+(``time.thread_time``). The first step (warm-up) and the last (the harness evaluates there) are
+dropped; a repeat's ratio is harness/bare of the median step times; the table gives the
+median over repeats after dropping the first repeat, and the range. Other parts time whole
+runs; timings on a shared machine are noisy, and the load average is recorded with the tables.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from bench.spec import parse_spec
 
 __all__ = [
     "PARTS",
+    "BareLoop",
     "ParityResult",
     "StepClock",
     "add_arguments",
@@ -70,6 +71,8 @@ __all__ = [
 PARTS = ("parity", "tricks", "ema", "data", "vectorized", "scaling")
 #: optimizer steps per timed run: a few seconds per run on one core
 DEFAULT_STEPS = {"cifar_autoencoder": 40, "toy_diffusion": 300, "rl_policy": 300}
+#: steps per trick-cost run (whole runs are timed there: longer runs average over load bursts)
+TRICK_STEPS = {"cifar_autoencoder": 40, "toy_diffusion": 1000, "rl_policy": 1000}
 TARGET_RATIO = 1.02  # harness/bare step-time target with no tricks
 DECIMALS = 5  # losses must agree to this many decimals (numpy's assert_almost_equal: |a - b| < 1.5e-5)
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -200,55 +203,70 @@ def harness_train(cell: Cell, threads: int = 1, device: str = "cpu", out_dir: Pa
     return TimedRun(losses, norms, wall, cpu, result, state)
 
 
-def bare_train(cell: Cell, threads: int = 1, device: str = "cpu") -> TimedRun:
-    """The same training as :func:`harness_train` of a no-trick ``cell``, as a plain PyTorch loop.
+class BareLoop:
+    """A plain hand-written PyTorch training loop around a task, one :meth:`step` at a time.
 
-    What a user would write by hand around the task: model from ``build_model`` under the
-    ``init`` seed, the loop's optimizer (AdamW or SGD with the train block's settings), then per
-    step ``batch`` → ``loss`` → ``backward`` → ``step`` → ``zero_grad`` → the task's
-    ``after_optimizer_step`` (e.g. a DQN's target network). Losses are kept as tensors and read
-    once at the end. No history, gradient norm, schedule, evaluation or checkpoint.
+    What a user would write by hand: model from ``build_model`` under the ``init`` seed, the
+    loop's optimizer (AdamW or SGD with the train block's settings), then per step ``batch`` →
+    ``loss`` → ``backward`` → ``step`` → ``zero_grad`` → the task's ``after_optimizer_step``
+    (e.g. a DQN's target network). Losses are kept as tensors and read once at the end. No
+    history, gradient norm, schedule, global-RNG re-seeding, evaluation or checkpoint.
     """
-    from experiments.registry import get_task
 
-    cfg = cell.config
-    if cfg["tricks"]:
-        raise ValueError(f"cell.tricks: {sorted(cfg['tricks'])} given; allowed: none (the bare loop has no tricks)")
-    tr = cfg["train"]
-    if tr["lr_schedule"] != "constant" or tr["warmup_samples"] or tr["grad_clip_norm"]:
-        raise ValueError("cell.train: the bare loop needs lr_schedule constant, warmup_samples 0, grad_clip_norm null")
-    torch.set_num_threads(threads)
-    dev = torch.device(device)
-    streams = SeedBundle(cell.seed)
-    task = get_task(cfg["task"])(cfg["params"], {}, streams, dev, tr)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(streams.seed_for("init"))
-        model = task.build_model().to(dev)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if tr["optimizer"] == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(
-            trainable, lr=tr["lr"], betas=(tr["momentum"], 0.999), weight_decay=tr["weight_decay"]
-        )
-    else:
-        opt = torch.optim.SGD(trainable, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
-    batch_size = tr["batch_size"]
-    samples_per_step = task.samples_per_micro_batch(batch_size)
-    steps = max(1, math.ceil(tr["budget_samples"] / samples_per_step))
-    losses: list[torch.Tensor] = []
-    clock = StepClock()
-    model.train()
-    for step in range(steps):
-        batch = task.batch(model, step, 0, batch_size, step * samples_per_step / tr["budget_samples"])
+    def __init__(self, cell: Cell, threads: int = 1, device: str = "cpu") -> None:
+        from experiments.registry import get_task
+
+        cfg = cell.config
+        if cfg["tricks"]:
+            raise ValueError(f"cell.tricks: {sorted(cfg['tricks'])} given; allowed: none (the bare loop has no tricks)")
+        tr = self.train_cfg = cfg["train"]
+        if tr["lr_schedule"] != "constant" or tr["warmup_samples"] or tr["grad_clip_norm"]:
+            raise ValueError(
+                "cell.train: the bare loop needs lr_schedule constant, warmup_samples 0, grad_clip_norm null"
+            )
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        streams = SeedBundle(cell.seed)
+        self.task = get_task(cfg["task"])(cfg["params"], {}, streams, dev, tr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(streams.seed_for("init"))
+            self.model = self.task.build_model().to(dev)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if tr["optimizer"] == "adamw":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(
+                trainable, lr=tr["lr"], betas=(tr["momentum"], 0.999), weight_decay=tr["weight_decay"]
+            )
+        else:
+            self.opt = torch.optim.SGD(trainable, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
+        self.samples_per_step = self.task.samples_per_micro_batch(tr["batch_size"])
+        self.steps = max(1, math.ceil(tr["budget_samples"] / self.samples_per_step))
+        self.losses: list[torch.Tensor] = []
+        self.model.train()
+
+    def step(self) -> None:
+        """Train the next optimizer step."""
+        step, tr, task, model = len(self.losses), self.train_cfg, self.task, self.model
+        batch = task.batch(model, step, 0, tr["batch_size"], step * self.samples_per_step / tr["budget_samples"])
         loss, _ = task.loss(model, batch, step, 0)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         task.after_optimizer_step(model, step)
-        losses.append(loss.detach())
+        self.losses.append(loss.detach())
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def bare_train(cell: Cell, threads: int = 1, device: str = "cpu") -> TimedRun:
+    """The same training as :func:`harness_train` of a no-trick ``cell``, by :class:`BareLoop`, timed per step."""
+    bare = BareLoop(cell, threads, device)
+    clock = StepClock()
+    for _ in range(bare.steps):
+        bare.step()
         clock()
     wall, cpu = clock.step_times()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return TimedRun([float(v) for v in losses], [], wall, cpu, {}, state)
+    return TimedRun([float(v) for v in bare.losses], [], wall, cpu, {}, bare.final_state())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,19 +312,63 @@ class ParityResult:
         }
 
 
+def _interleaved(cell: Cell, threads: int) -> tuple[TimedRun, TimedRun]:
+    """Harness and bare loop trained together, alternating step by step, each step timed.
+
+    After every harness step (its progress callback) the bare loop trains its own next step,
+    so harness step i and bare step i run back to back under the same machine load; a load
+    burst hits both alike instead of one run. The two share nothing but the process: each
+    has its task instance, model and optimizer, and neither draws from the other's streams.
+    """
+    from bench.loop import RunContext, train
+
+    bare = BareLoop(cell, threads)
+    h_wall: list[float] = []
+    h_cpu: list[float] = []
+    b_wall: list[float] = []
+    b_cpu: list[float] = []
+    last = [0.0, 0.0]
+
+    def after_harness_step(*_: Any) -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        h_wall.append(w - last[0])
+        h_cpu.append(c - last[1])
+        bare.step()
+        last[0], last[1] = time.perf_counter(), time.thread_time()
+        b_wall.append(last[0] - w)
+        b_cpu.append(last[1] - c)
+
+    with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+        run_dir = Path(tmp) / cell.run_id
+        ctx = RunContext(threads=threads, on_progress=after_harness_step, progress_interval_s=0)
+        result = train(cell, run_dir, ctx)
+        rows = (run_dir / "train.csv").read_text().splitlines()[1:]
+        state = torch.load(run_dir / "final_model.pt", weights_only=True)
+    # step 1: warm-up (and its "start" is unknown); last step: the harness evaluates there
+    keep = slice(1, -1)
+    harness = TimedRun(
+        [float(r.split(",")[2]) for r in rows],
+        [float(r.split(",")[3]) for r in rows],
+        h_wall[keep],
+        h_cpu[keep],
+        result,
+        state,
+    )
+    return harness, TimedRun([float(v) for v in bare.losses], [], b_wall[keep], b_cpu[keep], {}, bare.final_state())
+
+
 def parity(task: str, steps: int | None = None, repeats: int = 5, threads: int = 1, seed: int = 0) -> ParityResult:
     """Harness vs bare loop on ``task`` (no tricks): loss agreement and step-time ratio.
 
-    The two loops alternate which runs first in each repeat, so a slow drift of the machine's
-    load affects both alike. Raises nothing on disagreement: :attr:`ParityResult.agree` says it.
+    Each repeat trains both loops interleaved step by step (:func:`_interleaved`); its ratio is
+    the harness's median step time over the bare loop's. Raises nothing on disagreement:
+    :attr:`ParityResult.agree` says it.
     """
     cell = perf_cell(task, steps=steps or DEFAULT_STEPS.get(task, 100), seed=seed)
     ratios_w, ratios_c, h_ms, b_ms, h_cpu_ms = [], [], [], [], []
     max_diff, equal, params_equal = 0.0, True, True
-    for r in range(repeats):
-        pair = (harness_train, bare_train) if r % 2 == 0 else (bare_train, harness_train)
-        first, second = (fn(cell, threads) for fn in pair)
-        h, b = (first, second) if r % 2 == 0 else (second, first)
+    for _ in range(repeats):
+        h, b = _interleaved(cell, threads)
         if len(h.losses) != len(b.losses):
             raise RuntimeError(f"{task}: harness ran {len(h.losses)} steps, the bare loop {len(b.losses)}")
         max_diff = max(max_diff, max(abs(x - y) for x, y in zip(h.losses, b.losses)))
@@ -502,13 +564,13 @@ def data_residency(task: str, device: str = "cpu", seed: int = 0) -> dict[str, A
                     label = name + (f"[{key!r}]" if key != "" else "") + (f"[{i}]" if isinstance(v, tuple) else "")
                     tensors[label] = t
     loaders = [n for n, v in vars(inst).items() if isinstance(v, torch.utils.data.DataLoader)]
-    on_device = all(t.device.type == dev.type for t in tensors.values())
+    off_device = [n for n, t in tensors.items() if t.device.type != dev.type]
     return {
         "task": task,
         "device": device,
         "tensors": ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items()) or "none (drawn per step)",
         "mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 2),
-        "all_on_device": on_device,
+        "not_on_device": ", ".join(off_device) or "none",
         "dataloaders": len(loaders),
     }
 
@@ -831,8 +893,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps: {args.steps} is not allowed; allowed: ≥ 3 (first and last steps are not timed)")
     repeats, trick_repeats = (2, 1) if args.quick else (args.repeats, args.trick_repeats)
 
-    def steps_for(task: str) -> int:
-        base = args.steps or DEFAULT_STEPS.get(task, 100)
+    def steps_for(task: str, table: dict[str, int] = DEFAULT_STEPS) -> int:
+        base = args.steps or table.get(task, 100)
         return max(3, base // 5) if args.quick else base
 
     machine = machine_description()
@@ -860,12 +922,15 @@ def run(args: argparse.Namespace) -> int:
             "parity",
             "Harness vs bare PyTorch loop (no tricks)",
             [p.row() for p in parity_rows.values()],
-            f"Step time = median over steps 2..n-1; ratio = harness/bare, median over {repeats} repeats with the "
+            "Both loops train interleaved step by step in one process; step time = median over steps 2..n-1; "
+            f"ratio = harness/bare, median over {repeats} repeats with the "
             f"first dropped (range over the kept repeats). Target ≤ {TARGET_RATIO}. Losses must agree to "
             f"{DECIMALS} decimals.",
         )
     if "tricks" in args.only:
-        rows = [r for task in tasks for r in trick_costs(task, steps_for(task), trick_repeats, args.threads)]
+        rows = [
+            r for task in tasks for r in trick_costs(task, steps_for(task, TRICK_STEPS), trick_repeats, args.threads)
+        ]
         emit(
             "tricks",
             "Cost of each trick relative to the baseline",
@@ -931,7 +996,9 @@ def run(args: argparse.Namespace) -> int:
         + (" --quick" if args.quick else "")
     )
     header += f"\n- command: bench perf {options}\n\n"
-    md_path = args.out / f"perf_{stamp}.md"
+    # all parts: perf_<date>.md; a subset gets its own file, so it does not replace a full run's tables
+    subset = "" if set(args.only) == set(PARTS) else "_" + "+".join(p for p in PARTS if p in args.only)
+    md_path = args.out / f"perf_{stamp}{subset}.md"
     md_path.write_text(header + "\n".join(sections))
     for part, rows in tables.items():
         _write_csv(args.out / f"perf_{stamp}_{part}.csv", rows)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils import _pytree as pytree
 
+from bench import store
 from bench.grid import Cell
 from bench.loop import _build_optimizer, _crossed, _lr_factor, _seed_global_rng
 from bench.seeds import SeedBundle
@@ -302,7 +303,7 @@ def train_vectorized(cells: Sequence[Cell], *, device: str = "cpu", threads: int
             {
                 "run_id": cell.run_id,
                 "seed": cell.seed,
-                "status": "diverged" if diverged[i] is not None else "completed",
+                "status": store.RunStatus.DIVERGED if diverged[i] is not None else store.RunStatus.COMPLETED,
                 "diverged_step": diverged[i],
                 "metric": {k_: v for k_, v in final.items() if k_ not in ("step", "samples")}
                 | ({task_cls.metric: float("nan")} if diverged[i] is not None else {}),

@@ -177,6 +177,7 @@ class CifarAutoencoder(Task):
         # small data lives on the device as one tensor; batches are index gathers (no DataLoader workers)
         self.x_train = (x_train.float() / 255).to(device)
         self.y_train = y_train.to(device)
+        self.y_train_cpu = y_train.cpu()  # the epoch orders are built on the CPU (see _stream_indices)
         self.x_test = (x_test.float() / 255).to(device)
         self._epoch_orders: dict[int, torch.Tensor] = {}
         self.aug = tricks.get("nonleaky_augmentation")
@@ -205,23 +206,25 @@ class CifarAutoencoder(Task):
 
     # --- the stream -------------------------------------------------------------------------
     def _order(self, epoch: int) -> torch.Tensor:
-        """Training indices of one epoch: a permutation, or class-sorted (shuffled within class)."""
+        """Training indices of one epoch (a CPU tensor): a permutation, or class-sorted (shuffled within class)."""
         if epoch not in self._epoch_orders:
             g = self.streams.generator("data", epoch)
-            perm = torch.randperm(len(self.x_train), generator=g).to(self.device)
+            perm = torch.randperm(len(self.x_train), generator=g)
             if self.p["stream"] == "class_sorted":
-                perm = perm[torch.sort(self.y_train[perm], stable=True).indices]
+                perm = perm[torch.sort(self.y_train_cpu[perm], stable=True).indices]
             self._epoch_orders = {epoch: perm}  # keep one epoch cached
         return self._epoch_orders[epoch]
 
     def _stream_indices(self, start: int, count: int) -> torch.Tensor:
+        # built on the CPU, then one copy to the device: a boolean-mask assignment into a GPU tensor
+        # would synchronise host and device at every step (it needs the number of selected elements)
         n = len(self.x_train)
         pos = torch.arange(start, start + count)
-        out = torch.empty(count, dtype=torch.long, device=self.device)
+        out = torch.empty(count, dtype=torch.long)
         for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
             sel = pos // n == epoch
-            out[sel.to(self.device)] = self._order(epoch)[(pos[sel] % n).to(self.device)]
-        return out
+            out[sel] = self._order(epoch)[pos[sel] % n]
+        return out.to(self.device, non_blocking=True)
 
     def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
         # position of this micro-batch in the stream: a pure function of (step, micro), so resumes replay nothing

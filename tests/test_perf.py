@@ -168,6 +168,6 @@ def test_bench_perf_cli_writes_tables(tmp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0
     out = capsys.readouterr().out
     assert "Harness vs bare PyTorch loop" in out and "toy_diffusion" in out
-    md = next(tmp_path.glob("perf_*.md")).read_text()
+    md = next(tmp_path.glob("perf_*_parity+data.md")).read_text()
     assert "load_average" in md and "ratio_wall" in md
     assert {p.name.split("_", 2)[-1] for p in tmp_path.glob("perf_*_*.csv")} == {"parity.csv", "data.csv"}
