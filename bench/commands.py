@@ -127,9 +127,11 @@ def _wandb_cfg(launch: LaunchPlan, args: argparse.Namespace) -> dict:
 def _write_report(grid_dir: Path, args: argparse.Namespace) -> None:
     if not args.no_report:
         from bench.report import terminal_summary, write_report
+        from bench.stats import analyze_grid
 
-        path = write_report(grid_dir)
-        print(terminal_summary(grid_dir))
+        stats = analyze_grid(grid_dir)  # once, for both the report and the terminal summary
+        path = write_report(grid_dir, stats)
+        print(terminal_summary(grid_dir, stats))
         print(f"report: {path}")
 
 

@@ -214,14 +214,14 @@ def _methods(gs: GridStats) -> list[str]:
     ]
 
 
-def write_report(gdir: Path) -> Path:
+def write_report(gdir: Path, stats: GridStats | None = None) -> Path:
     """Write ``report.md``, ``report.html``, ``figures/*.png`` and ``effects.csv`` of grid folder ``gdir``.
 
     Returns the path of ``report.md``. Safe to call on a grid that is still running (unfinished
-    runs are counted, not analysed).
+    runs are counted, not analysed). Pass ``stats`` (``analyze_grid(gdir)``) to reuse an analysis.
     """
     gdir = Path(gdir)
-    gs = analyze_grid(gdir)
+    gs = stats if stats is not None else analyze_grid(gdir)
     # only the runs of the spec as launched last (a changed spec keeps older runs on disk)
     runs, curves, train_curves = (
         df[df["run_id"].isin(gs.run_ids)] if len(df) else df
