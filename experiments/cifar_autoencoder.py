@@ -232,9 +232,7 @@ class CifarAutoencoder(Task):
         idx = self._stream_indices(start, micro_batch_size)
         if self.buffer is not None:  # TRICK: replay_buffer — push the stream, learn from a uniform sample
             self.buffer.extend({"item": idx})
-            idx = self.buffer.sample(micro_batch_size, generator=self.streams.generator("data", step, micro, 1))[
-                "index"
-            ]
+            idx = self.buffer.sample(micro_batch_size, generator=self.streams.generator("data", step, micro, 1))["item"]
         x = self.x_train[idx]
         if "patchwise" in self.tricks_on:  # TRICK: patchwise — crops, more per image, full images at the end
             size = self.patch_schedule.size_at(progress)

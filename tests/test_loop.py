@@ -110,3 +110,28 @@ def test_stable_synthetic_learns(tmp_path: Path, synthetic_task: str) -> None:
     result = train(cell, tmp_path / "run")
     assert result["status"] == "completed"
     assert result["metric"]["test_mse"] < 0.05  # the label-noise floor is 0.01; the initial MSE is ~8
+
+
+def test_cifar_replay_samples_stored_images_not_slots(tmp_path: Path) -> None:
+    """Replay on a class-sorted stream: the buffer returns the dataset indices it was fed.
+
+    With more items pushed than there are images, a slot-vs-item mix-up would index past the data.
+    """
+    from bench.seeds import SeedBundle
+    from experiments.cifar_autoencoder import CifarAutoencoder
+
+    cell = cell_for(
+        "cifar_autoencoder",
+        {"replay_buffer": {"capacity": 256}},
+        {**TINY_CIFAR, "train_size": 128, "stream": "class_sorted"},
+        {"budget_samples": 320, "batch_size": 32, "eval_every_samples": 160},
+    )
+    assert train(cell, tmp_path / "run", RunContext(threads=1))["status"] == "completed"
+    task = CifarAutoencoder(
+        cell.config["params"], cell.config["tricks"], SeedBundle(0), torch.device("cpu"), cell.config["train"]
+    )
+    model = task.build_model()
+    for step in range(6):
+        x, _, _ = task.batch(model, step, 0, 32, 0.0)
+        pushed = task._stream_indices(0, min((step + 1) * 32, 256))
+        assert all(any(torch.equal(img, task.x_train[i]) for i in pushed.tolist()) for img in x[:4])
