@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bench import store
+from bench.gradbuffer import FlatGrads
 from bench.grid import Cell
 from bench.memory import PeakMemory
 from bench.seeds import SeedBundle
@@ -44,6 +45,7 @@ from tricks import accumulation, checkpoint_averaging, ema, no_weight_decay, pre
 __all__ = ["RunContext", "TrainState", "train", "train_cell"]
 
 BN_RECALIBRATION_BATCHES = 16  # when averaged weights need fresh BN statistics and precise_bn is off
+GLOBAL_SEED_CHUNK_STEPS = 1024  # the loop derives the per-step global-RNG seeds this many steps at a time
 CHECKPOINT_FORMAT = 1
 
 
@@ -257,14 +259,28 @@ class _Trainer:
             "eval": [],
         }
         self._eval_copy: nn.Module | None = None
+        self.flat: FlatGrads | None = None  # the flat gradient buffer, once adopted (see run)
 
     # --- checkpoints ----------------------------------------------------------------------
     @property
     def ckpt_path(self) -> Path:
         return self.out_dir / store.CHECKPOINT
 
+    def check_grads(self) -> None:
+        """Raise if code replaced or unset a gradient the flat buffer holds (the steps since then were wrong).
+
+        Called before anything leaves the run: evaluation, checkpoint, result.
+        """
+        if self.flat is not None and not self.flat.attached():
+            raise RuntimeError(
+                f"task {self.task.name}: a parameter's .grad was replaced or unset during training (e.g. a "
+                "zero_grad(set_to_none=True) inside batch/loss), so the loop's flat gradient buffer no longer "
+                "holds it; such a task must not declare dense_grads"
+            )
+
     def save_checkpoint(self) -> None:
         """Atomically replace the run's checkpoint (the previous one stays valid until the rename)."""
+        self.check_grads()
         payload = {
             "format": CHECKPOINT_FORMAT,
             "run_id": self.cell.run_id,
@@ -298,6 +314,7 @@ class _Trainer:
     # --- evaluation -----------------------------------------------------------------------
     def evaluate(self, final: bool) -> dict[str, float]:
         """Evaluate the trick-selected weights (EMA / averages) without touching training weights."""
+        self.check_grads()
         weights, recompute_bn = self.averagers.eval_state(self.model, final)
         needs_copy = not isinstance(weights, nn.Module) or "precise_bn" in self.tricks or recompute_bn
         if isinstance(weights, nn.Module) and not needs_copy:
@@ -305,6 +322,8 @@ class _Trainer:
         else:
             if self._eval_copy is None:
                 self._eval_copy = copy.deepcopy(self.model)
+                for p in self._eval_copy.parameters():
+                    p.grad = None  # deepcopy copies gradients (the flat buffer's views); evaluation needs none
             eval_model = self._eval_copy
             src = weights.state_dict() if isinstance(weights, nn.Module) else weights
             eval_model.load_state_dict(src)
@@ -335,11 +354,18 @@ class _Trainer:
             if self.autocast_dtype is not None
             else contextlib.nullcontext()  # a disabled torch.autocast still costs µs per enter/exit
         )
-        params = [p for p in model.parameters() if p.requires_grad]
+        named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named_params]
         clip = self.train_cfg["grad_clip_norm"] or None
         uniform = len({(p.device, p.dtype) for p in params}) == 1
+        # gradients as views of one flat buffer (one-kernel norm and zeroing), for tasks whose every
+        # parameter gets a gradient at every step; adopted after this call's first backward
+        flat = FlatGrads.for_params(named_params) if task.dense_grads else None
         eval_every, ckpt_every = self.train_cfg["eval_every_samples"], self.train_cfg["checkpoint_every_samples"]
         hist = self.history["train"]
+        global_seeds: list[int] = []
+        seeds_from = self.state.step
+        lr_factor = math.nan  # the learning rate is written into the optimizer only when it changes
         steps_this_call = 0
         last_progress = 0.0
         model.train()
@@ -352,11 +378,16 @@ class _Trainer:
                 self.state.step = step
                 self.save_checkpoint()
                 return {"status": "interrupted", "step": step}
-            _seed_global_rng(self.streams.seed_for("global", step), self.device)  # anything still on the global RNG
+            if step - seeds_from >= len(global_seeds):
+                seeds_from = step
+                global_seeds = self.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS)
+            _seed_global_rng(global_seeds[step - seeds_from], self.device)  # anything still on the global RNG
             samples_before = step * self.samples_per_step
             factor = _lr_factor(self.train_cfg, samples_before)
-            for group, base in zip(optimizer.param_groups, self.base_lrs):
-                group["lr"] = base * factor
+            if factor != lr_factor:
+                lr_factor = factor
+                for group, base in zip(optimizer.param_groups, self.base_lrs):
+                    group["lr"] = base * factor
 
             # accumulation: k micro-batches, each loss / k, gradients summed, one optimizer step
             loss_sum: torch.Tensor | None = None
@@ -368,12 +399,21 @@ class _Trainer:
                 # a float32 sum, as before from a float32 zero (0 + x == x bit for bit for any loss but -0.0)
                 loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
             loss_value = float(loss_sum) / k
-            grad_norm = float(_grad_norm_(params, clip, uniform))
+            if flat is not None and self.flat is None:
+                flat.adopt(task.name)  # raises if a parameter got no gradient
+                self.flat = flat
+            if flat is not None and clip is None:
+                grad_norm = flat.norm()
+            else:  # clipping: clip_grad_norm_ (on the views when the buffer is used; the same bits)
+                grad_norm = float(_grad_norm_(params, clip, uniform))
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 self.state.train_s += time.perf_counter() - t0
                 return self._finish(diverged_step=step, last_loss=loss_value)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             task.after_optimizer_step(model, step)
             samples = (step + 1) * self.samples_per_step
             self.averagers.update(model, samples)
@@ -433,6 +473,7 @@ class _Trainer:
         store.atomic_write_text(self.out_dir / "curve.csv", "\n".join(rows) + "\n")
 
     def _finish(self, diverged_step: int | None, last_loss: float) -> dict[str, Any]:
+        self.check_grads()
         evals = self.history["eval"]
         final = evals[-1] if evals and diverged_step is None else {}
         metric_values = [e[self.metric] for e in evals if self.metric in e]

@@ -64,6 +64,11 @@ class Task(ABC):
     train_defaults: ClassVar[dict[str, Any]]
     #: tricks' parameter defaults specific to this task, e.g. {"ema": {"half_life_samples": 500}}
     trick_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: True when every trainable parameter receives a gradient at every optimizer step, under every
+    #: trick of ``tricks``: the loop may then keep gradients in one flat buffer (``bench.gradbuffer``)
+    #: and never unset them. Checked on the first step of every run and for every cell of the
+    #: applicability matrix by tests/test_trick_registry.py; leave False if unsure (always correct).
+    dense_grads: ClassVar[bool] = False
     #: a seconds-long setting {"params": {...}, "train": {...}} for the registry-driven smoke tests
     tiny: ClassVar[dict[str, dict[str, Any]] | None] = None
 

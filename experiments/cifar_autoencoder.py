@@ -128,6 +128,7 @@ class CifarAutoencoder(Task):
     )
     metric = "test_mse"
     higher_is_better = False
+    dense_grads = True  # every parameter is in every step's graph (tested per trick)
     metric_directions = {"test_psnr": True, "hint_sensitivity": False}
     train_defaults = {
         "budget_samples": 8192,

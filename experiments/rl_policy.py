@@ -229,6 +229,7 @@ class RLPolicy(Task):
     )
     metric = "eval_return"
     higher_is_better = True
+    dense_grads = True  # every parameter is in every step's graph (tested per trick)
     metric_directions = {"train_return_auc": True}
     train_defaults = {
         "budget_samples": 24000,

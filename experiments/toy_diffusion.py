@@ -313,6 +313,7 @@ class ToyDiffusion(Task):
     )
     metric = "swd"
     higher_is_better = False
+    dense_grads = True  # every parameter is in every step's graph (tested per trick)
     metric_directions = {"class_fidelity": True, "cond_sensitivity": False, "swd_unguided": False, "swd_guided": False}
     # seconds on one CPU thread: 1024 steps of 128 points (the quick grid's scale)
     train_defaults = {
