@@ -74,7 +74,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="local executor with --device cuda: train N runs at once on each visible GPU (replaces --jobs)",
+        help="with --device cuda: train N runs at once on each GPU — each visible GPU (local; replaces --jobs) "
+        "or each GPU of an array task (slurm; --runs-per-task defaults to N × --slurm-gpus-per-run)",
     )
     _add_slurm(p)
 
@@ -90,7 +91,12 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-account", metavar="NAME", help="account to charge (sbatch --account)")
     g.add_argument("--slurm-qos", metavar="NAME", help="quality of service (sbatch --qos)")
     g.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="GPUs per array task (default: 0)")
-    g.add_argument("--slurm-cpus-per-run", type=int, metavar="N", help="CPUs per array task (default: 1)")
+    g.add_argument(
+        "--slurm-cpus-per-run",
+        type=int,
+        metavar="N",
+        help="CPUs per run; an array task asks for N × the runs it trains at once (default: 1)",
+    )
     g.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per array task (default: the cluster's)")
     g.add_argument(
         "--slurm-time-min", type=int, metavar="MIN", help="time limit of one array task, all its runs (default: 60)"
@@ -106,7 +112,7 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
         "--runs-per-task",
         type=int,
         metavar="N",
-        help="runs trained one after another in one array task, for short runs (default: 1)",
+        help="runs one array task trains, one after another (or --runs-per-gpu at a time), for short runs (default: 1)",
     )
     g.add_argument(
         "--slurm-array-parallelism", type=int, metavar="N", help="array tasks running at once (default: 256)"

@@ -49,6 +49,11 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
         return None
     if "sbatch" in given:
         given["sbatch"] = SlurmOptions.parse_sbatch(given["sbatch"])
+    runs_per_gpu = getattr(args, "runs_per_gpu", None)
+    if runs_per_gpu is not None:
+        given["runs_per_gpu"] = runs_per_gpu
+        if "runs_per_task" not in given and isinstance(runs_per_gpu, int) and runs_per_gpu > 0:
+            given["runs_per_task"] = runs_per_gpu * given.get("gpus_per_run", 0) or 1  # fill every GPU slot once
     return SlurmOptions(**given)
 
 
@@ -58,10 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: {args.threads} is not allowed; allowed: an integer ≥ 1")
-    if args.runs_per_gpu is not None and args.executor != "local":
+    if args.runs_per_gpu is not None and args.executor == "debug":
+        raise ValueError("--runs-per-gpu: only with --executor local or slurm (debug trains in this process)")
+    if args.runs_per_gpu is not None and args.executor == "slurm" and args.device != "cuda":
         raise ValueError(
-            f"--runs-per-gpu: only with --executor local (got --executor {args.executor}); on SLURM "
-            "pack short runs with --runs-per-task"
+            f"--runs-per-gpu: {args.runs_per_gpu} is not allowed with --device {args.device!r}; allowed: only with "
+            "--device cuda (it packs that many runs onto each GPU of an array task)"
         )
     slurm = slurm_options(args)  # ValueError naming the flag: nothing written
     if slurm is not None and not args.dry_run:
@@ -148,15 +155,17 @@ def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptio
         wandb_cfg=wandb_cfg,
         max_requeues=options.max_requeues,
         signal_delay_s=options.signal_delay_s,
+        runs_per_gpu=options.runs_per_gpu,
     )
     sub = submit_grid(launch.todo, launch.grid_dir, args.results, options, settings, launch.spec.grid)
     if sub.already_queued:
         print(f"{len(sub.already_queued)} runs are still queued from an earlier launch; not submitted again")
     if sub.job_ids:
         tasks = len(sub.job_ids)
+        packing = f", {options.concurrent_runs} at a time" if options.runs_per_gpu else ""
         print(
             f"submitted {len(sub.runs)} runs as {tasks} array task{'s' * (tasks > 1)} "
-            f"({options.runs_per_task} per task): job {', '.join(sub.array_ids)}"
+            f"({options.runs_per_task} per task{packing}): job {', '.join(sub.array_ids)}"
         )
         print(f"logs: {sub.folder}/<job id>/   follow: bench status {launch.grid_dir}")
     else:

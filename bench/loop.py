@@ -10,6 +10,11 @@ weight-level tricks at visible points:
                           task.after_optimizer_step → EMA / post-hoc EMA update →
                           periodic snapshot → [evaluate] → [checkpoint]
 
+Gradients: for a task that declares ``dense_grads`` (every parameter gets a gradient every
+step) they live in one flat buffer (``bench.gradbuffer``), so the per-step gradient norm is one
+kernel and zeroing replaces ``zero_grad(set_to_none=True)`` — the same numbers as per-parameter
+gradients, at less than a bare loop's gradient handling costs (``bench perf``).
+
 Budgets and intervals are counted in samples. Randomness comes from the run's seed
 bundle through named per-step streams, so a run resumed from its checkpoint at step t
 computes exactly what the uninterrupted run computes (CPU, atol=0): the checkpoint holds

@@ -171,6 +171,13 @@ def worker_env(synthetic_task: str, monkeypatch: pytest.MonkeyPatch) -> str:
         (["--slurm-sbatch", "time=10"], "--slurm-time-min"),
         (["--slurm-sbatch", "Mail_Type=END"], "--slurm-sbatch: key"),
         (["--slurm-sbatch", "mail-type="], "--slurm-sbatch: mail-type"),
+        (["--runs-per-gpu", "2"], "--runs-per-gpu: 2 is not allowed with --device 'cpu'"),
+        (["--runs-per-gpu", "2", "--device", "cuda"], "--runs-per-gpu: 2 is not allowed with --slurm-gpus-per-run 0"),
+        (["--runs-per-gpu", "0", "--device", "cuda", "--slurm-gpus-per-run", "1"], "--runs-per-gpu: 0"),
+        (
+            ["--runs-per-gpu", "4", "--device", "cuda", "--slurm-gpus-per-run", "1", "--runs-per-task", "2"],
+            "--runs-per-task: 2 is not allowed with --runs-per-gpu 4",
+        ),
     ],
 )
 def test_bad_slurm_options_fail_before_anything_is_written(
@@ -205,6 +212,18 @@ def test_no_slurm_client_is_an_error_before_anything_is_written(
     assert _bench_run(spec_path, results, "--executor", "slurm") == 2
     assert "sbatch, srun, squeue, sinfo, scontrol not found on PATH" in capsys.readouterr().err
     assert not results.exists()
+
+
+def test_runs_per_gpu_fills_each_gpu_of_a_task_and_asks_cpus_for_each_run() -> None:
+    flags = ["--executor", "slurm", "--device", "cuda", "--runs-per-gpu", "4", "--slurm-gpus-per-run", "2"]
+    options = slurm_options(build_parser().parse_args(["run", "x.yaml", *flags, "--slurm-cpus-per-run", "3"]))
+    assert options.runs_per_task == 8 and options.concurrent_runs == 8  # default: every GPU slot once
+    assert (
+        options.submitit_parameters("x")["cpus_per_task"] == 24
+        and options.submitit_parameters("x")["gpus_per_node"] == 2
+    )
+    more = slurm_options(build_parser().parse_args(["run", "x.yaml", *flags, "--runs-per-task", "32"]))
+    assert more.runs_per_task == 32 and more.submitit_parameters("x")["cpus_per_task"] == 8
 
 
 def _array_options() -> object:
@@ -390,3 +409,45 @@ def test_64_array_tasks_finishing_together_leave_64_intact_results(tmp_path: Pat
         expected = train(cell, tmp_path / "ref" / cell.run_id, RunContext(threads=1))
         assert result["metric"] == expected["metric"]
     assert len(store.write_summary(gdir)) == MANY_TASKS
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+@pytest.mark.usefixtures("worker_env")
+def test_runs_per_gpu_trains_runs_at_once_in_one_task_and_each_resumes_after_requeue(tmp_path: Path) -> None:
+    """--runs-per-gpu 2: one array task (one GPU of the test cluster's gres) trains two runs at once, one process
+    each; ``scontrol requeue`` (SIGTERM to every process of the job) checkpoints both; after the requeue each
+    equals its uninterrupted run. The runs train on CPU here (no CUDA in the cluster); the CLI allows the flag
+    only with --device cuda, so the submission goes through the same API the CLI calls."""
+    from bench.executors.slurm import SlurmOptions, WorkerSettings, submit_grid
+
+    spec = parse_spec(_spec("slurm-pack", {"synthetic": {"train": LONG_TRAIN}}, seeds=2))
+    results = tmp_path / "results"
+    gdir = store.grid_dir(results, spec.grid)
+    write_grid_spec(spec, gdir)
+    cells = expand(spec)
+    options = SlurmOptions(gpus_per_run=1, runs_per_gpu=2, runs_per_task=2, time_min=10)
+    assert options.concurrent_runs == 2 and options.submitit_parameters("x")["cpus_per_task"] == 2
+    settings = WorkerSettings(device="cpu", threads=1, grid_tricks={"synthetic": []}, runs_per_gpu=2)
+    sub = submit_grid(cells, gdir, results, options, settings, spec.grid)
+    (job,) = sub.job_ids  # both runs in one array task
+    rdirs = [store.run_dir(results, spec.grid, c.run_id) for c in cells]
+    references = [train(c, tmp_path / "ref" / c.run_id, RunContext(threads=1)) for c in cells]  # while it starts
+    _wait_until(
+        lambda: (
+            all((d / store.CHECKPOINT).exists() for d in rdirs) and not any((d / store.RESULT).exists() for d in rdirs)
+        ),
+        180,
+        "both runs of the task to have checkpointed before either finished (trained at once)",
+    )
+    pids = {read_state(d)["pid"] for d in rdirs}
+    assert len(pids) == 2 and all(read_state(d)["job_id"] == job for d in rdirs)  # two processes, one task
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    _release_when_pending(job)
+    wait_for_jobs([job], poll_s=0.2, timeout_s=240)
+    for cell, rdir, reference in zip(cells, rdirs, references):
+        result = store.read_json(rdir / store.RESULT)
+        assert result["status"] == "completed" and result["cost"]["resumes"] >= 1, result
+        assert read_state(rdir)["attempts"] == 2
+        _assert_same_run(rdir, tmp_path / "ref" / cell.run_id)
+        assert result["metric"] == reference["metric"]

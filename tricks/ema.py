@@ -233,13 +233,12 @@ class EMA:
         ema_update_(self._params, params, d, foreach=self.foreach)
         if self.buffers == "average":
             floating = [i for i, b in enumerate(self._buffers) if b.is_floating_point()]
+            counts = [i for i, b in enumerate(self._buffers) if not b.is_floating_point()]
             ema_update_([self._buffers[i] for i in floating], [model_buffers[i] for i in floating], d, foreach=True)
-            for b, mb in zip(self._buffers, model_buffers):
-                if not b.is_floating_point():
-                    b.copy_(mb)  # e.g. num_batches_tracked: a count, never averaged
-        else:
-            for b, mb in zip(self._buffers, model_buffers):
-                b.copy_(mb)
+            if counts:  # e.g. num_batches_tracked: a count, never averaged
+                torch._foreach_copy_([self._buffers[i] for i in counts], [model_buffers[i] for i in counts])
+        elif self._buffers:
+            torch._foreach_copy_(self._buffers, model_buffers)  # one fused call, not one copy_ per buffer
         self.num_updates += 1
 
     def _matched(self, names: list[str], named: Iterator[tuple[str, Tensor]], what: str) -> list[Tensor]:

@@ -11,7 +11,8 @@ process, ~0.1-0.4 ms, per step).
 GPUs: ``runs_per_gpu=N`` with device ``cuda`` packs N runs onto each visible GPU — N ×
 ``torch.cuda.device_count()`` workers, worker i pinned to ``cuda:(i mod count)`` when it
 starts. Small models leave a GPU mostly idle (a step is bound by Python and kernel launches,
-each run needs its own CPU core), so several runs per GPU multiply its throughput.
+each run needs its own CPU core), so several runs per GPU multiply its throughput. A SLURM
+array task packs its runs the same way (:func:`run_pool`, called by ``bench.executors.slurm``).
 """
 
 from __future__ import annotations
@@ -20,22 +21,23 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench.executors.worker import run_one
+from bench.executors.worker import register_extra_tasks, run_one
 from bench.grid import Cell
 from bench.loop import RunContext
 
-__all__ = ["default_jobs", "gpu_jobs", "run_debug", "run_local", "worker_device"]
+__all__ = ["default_jobs", "gpu_jobs", "run_debug", "run_local", "run_pool", "worker_device"]
 
 # Set in each pool worker by _init_worker (a worker trains many runs; these hold for all of them).
 _STOP: Any = None  # the pool's shared stop flag (multiprocessing.Event)
 _DEVICE: str | None = None  # the GPU this worker is pinned to (runs_per_gpu), else None
+_SIGNALS: list[str] = []  # SIGTERM/SIGUSR2 this worker received itself (inside a SLURM array task)
 
 
 def default_jobs() -> int:
@@ -65,8 +67,20 @@ def gpu_jobs(runs_per_gpu: int, device: str) -> tuple[int, int]:
     return runs_per_gpu * count, count
 
 
-def _init_worker(threads: int, stop_event: Any, gpu_counter: Any, gpu_count: int) -> None:
+def _record_signal(signum: int, frame: Any) -> None:
+    _SIGNALS.append(signal.Signals(signum).name)  # nothing else here: the run checkpoints at its next step
+
+
+def _stopped() -> bool:
+    return bool(_SIGNALS) or _STOP.is_set()
+
+
+def _init_worker(threads: int, stop_event: Any, gpu_counter: Any, gpu_count: int, catch_term: bool = False) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells workers via the stop flag
+    if catch_term:  # in a SLURM job the scheduler may signal every process of the step, not only the parent
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, _record_signal)
+    register_extra_tasks()  # a spawned process: tasks named in $TRICKBENCH_EXTRA_TASKS (tests)
     import torch
 
     global _STOP, _DEVICE
@@ -89,6 +103,7 @@ def _worker(
     grid_tricks: list[str],
     queue: Any,
     wandb_cfg: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> dict[str, Any]:
     cell = Cell.from_dict(cell_dict)
 
@@ -96,11 +111,11 @@ def _worker(
         queue.put((cell.run_id, done, total, loss))
 
     ctx = RunContext(
-        device=_DEVICE or device, threads=threads, stop=_STOP.is_set, on_progress=progress, code_version=code_version
+        device=_DEVICE or device, threads=threads, stop=_stopped, on_progress=progress, code_version=code_version
     )
-    result = run_one(cell, Path(results_root), ctx, grid_tricks, wandb_cfg=wandb_cfg)
+    result = run_one(cell, Path(results_root), ctx, grid_tricks, wandb_cfg=wandb_cfg, job_id=job_id)
     queue.put((cell.run_id, None, None, None))
-    return {"run_id": cell.run_id, "status": result["status"], "error": result.get("error")}
+    return {"run_id": cell.run_id, "status": result["status"], "error": result.get("error"), "step": result.get("step")}
 
 
 def _label(cell: Cell) -> str:
@@ -128,13 +143,54 @@ def run_local(
     gpu_count = 0
     if runs_per_gpu is not None:
         jobs, gpu_count = gpu_jobs(runs_per_gpu, device)
+    results = run_pool(
+        cells,
+        results_root,
+        jobs,
+        device=device,
+        threads=threads,
+        code_version=code_version,
+        grid_tricks=grid_tricks,
+        show_progress=show_progress,
+        gpu_count=gpu_count,
+        wandb_cfg=wandb_cfg,
+    )
+    counts: dict[str, int] = {}
+    for res in results.values():
+        counts[res["status"]] = counts.get(res["status"], 0) + 1
+    return counts
+
+
+def run_pool(
+    cells: Sequence[Cell],
+    results_root: Path,
+    jobs: int,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    code_version: str = "unknown",
+    grid_tricks: dict[str, list[str]] | None = None,
+    show_progress: bool = True,
+    gpu_count: int = 0,
+    wandb_cfg: dict[str, Any] | None = None,
+    stop: Callable[[], bool] | None = None,
+    job_id: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train ``cells`` in a pool of ``jobs`` spawned processes; return run_id -> ``{"status", "error", "step"}``.
+
+    ``gpu_count`` > 0: worker i is pinned to ``cuda:(i mod gpu_count)`` when it starts. ``stop`` (polled
+    every 0.25 s; e.g. a SLURM signal flag) stops the pool as Ctrl-C does, but returns instead of raising:
+    running runs checkpoint at their next step and report ``interrupted``, runs not yet started are left
+    out of the result. ``job_id`` (a SLURM array task) is recorded in each run's ``state.json``; it also
+    makes the workers catch SIGTERM/SIGUSR2 themselves (a scheduler may signal every process of a job).
+    """
     jobs = max(1, min(jobs, len(cells))) if cells else 1
     threads = threads or 1  # one thread per run: bit-identical to a resume on any executor
     grid_tricks = grid_tricks or {}
     ctx = mp.get_context("spawn")
-    counts: dict[str, int] = {}
+    results: dict[str, dict[str, Any]] = {}
     if not cells:
-        return counts
+        return results
     stop_event = ctx.Event()  # handed to the workers at start (inherited), polled every step
     gpu_counter = ctx.Value("i", 0) if gpu_count else None
     with ctx.Manager() as manager:
@@ -147,7 +203,7 @@ def run_local(
             max_workers=jobs,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(threads, stop_event, gpu_counter, gpu_count),
+            initargs=(threads, stop_event, gpu_counter, gpu_count, job_id is not None),
         ) as pool:
             futures: dict[Future, Cell] = {
                 pool.submit(
@@ -160,6 +216,7 @@ def run_local(
                     grid_tricks.get(c.task, list(c.tricks_on)),
                     queue,
                     wandb_cfg,
+                    job_id,
                 ): c
                 for c in cells
             }
@@ -182,11 +239,17 @@ def run_local(
                         bars[rid].n = step
                         bars[rid].set_postfix(loss=f"{loss:.4g}", refresh=True)
                     for fut in done:
+                        if fut.cancelled():
+                            continue
                         res = fut.result()
-                        counts[res["status"]] = counts.get(res["status"], 0) + 1
+                        results[res["run_id"]] = res
                         overall.update(1)
                         if res["status"] == "failed":
                             tqdm.write(f"run {res['run_id']} ({labels[res['run_id']]}) failed: {res['error']}")
+                    if stop is not None and stop() and not stop_event.is_set():
+                        stop_event.set()  # running runs checkpoint at their next step; the rest never start
+                        for fut in pending:
+                            fut.cancel()
             except KeyboardInterrupt:
                 stop_event.set()
                 tqdm.write("interrupted: running runs checkpoint at their next step; re-launch to resume")
@@ -198,7 +261,7 @@ def run_local(
                 for bar in bars.values():
                     bar.close()
                 overall.close()
-    return counts
+    return results
 
 
 def run_debug(

@@ -7,7 +7,9 @@ Submitting side (``bench run SPEC --executor slurm``, :func:`submit_grid`)::
     ->  one job array; <grid>/submitit/jobs.json maps each run to its array task
 
 Worker side (one array task, :class:`SlurmTask`): the runs of its chunk one after another, each through
-``bench.executors.worker.run_one`` — the per-cell path of every executor. The signals only set a flag;
+``bench.executors.worker.run_one`` — the per-cell path of every executor. With ``--runs-per-gpu N`` the task
+trains N runs at once on each of its GPUs (``bench.executors.local.run_pool``: one process per run, pinned
+to a GPU, one or more CPUs each), the packing the local executor does. The signals only set a flag;
 the loop polls it (``RunContext.stop``) at every step boundary, writes its checkpoint and returns. Then,
 outside any signal handler:
 
@@ -39,6 +41,8 @@ from typing import Any
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from bench.executors.worker import EXTRA_TASKS_ENV, register_extra_tasks
+
 __all__ = [
     "EXTRA_TASKS_ENV",
     "JOBS_FILE",
@@ -61,10 +65,6 @@ __all__ = [
 
 SUBMITIT_DIR = "submitit"  # <grid>/submitit/<job id>/: submission script, pickles and logs of each array task
 JOBS_FILE = "jobs.json"  # <grid>/submitit/jobs.json: run_id -> SLURM job (array task) id, written by the submitter
-#: ``name=module[,name=module]``: extra task modules a SLURM worker registers before training (a worker imports a
-#: fresh Python, so tasks registered at runtime in the submitting process — e.g. the tests' synthetic task —
-#: must be named here; the submitting process registers them itself)
-EXTRA_TASKS_ENV = "TRICKBENCH_EXTRA_TASKS"
 #: sbatch(1), --signal: "the signal may be sent up to 60 seconds earlier than specified"
 SIGNAL_RESOLUTION_S = 60
 
@@ -97,14 +97,16 @@ _MANAGED_SBATCH = {
 
 def cli_flag(name: str) -> str:
     """The ``bench run`` flag of a :class:`SlurmOptions` field."""
-    return "--runs-per-task" if name == "runs_per_task" else "--slurm-" + name.replace("_", "-")
+    if name in ("runs_per_task", "runs_per_gpu"):
+        return "--" + name.replace("_", "-")
+    return "--slurm-" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class SlurmOptions:
     """How a grid runs on a SLURM cluster (how-to-run: never part of a run's config or run_id).
 
-    Each field is the CLI flag ``--slurm-<field>`` (``--runs-per-task`` for ``runs_per_task``); the
+    Each field is the CLI flag ``--slurm-<field>`` (``--runs-per-task``, ``--runs-per-gpu`` for those); the
     sbatch option each maps to is in ``slurm/README.md``. Construction validates every field and raises
     ``ValueError`` naming the flag, the value and what is allowed.
     """
@@ -112,13 +114,14 @@ class SlurmOptions:
     partition: str | None = None  # --partition; None = the cluster's default partition
     account: str | None = None  # --account
     qos: str | None = None  # --qos
-    gpus_per_run: int = 0  # --gpus-per-node: GPUs for each array task (one run trains at a time in a task)
-    cpus_per_run: int = 1  # --cpus-per-task
+    gpus_per_run: int = 0  # --gpus-per-node: GPUs for each array task
+    cpus_per_run: int = 1  # CPUs per run; --cpus-per-task = this × the runs a task trains at once
     mem_gb: float | None = None  # --mem; None = the cluster's default
     time_min: int = 60  # --time, minutes, for one array task (all its runs_per_task runs)
     constraint: str | None = None  # --constraint, e.g. "a100|h100"
     sbatch: tuple[tuple[str, str], ...] = ()  # further #SBATCH --key=value lines
-    runs_per_task: int = 1  # runs trained one after another inside one array task (for short runs)
+    runs_per_task: int = 1  # runs one array task trains (one after another, or runs_per_gpu at a time per GPU)
+    runs_per_gpu: int | None = None  # runs trained at once on each GPU of an array task (small models)
     array_parallelism: int = 256  # at most this many array tasks run at once (--array=0-N%P)
     max_requeues: int = 3  # time-limit requeues per run; past it the run is recorded incomplete
     signal_delay_s: int = 90  # USR2 this long before the time limit (--signal=USR2@N): checkpoint and requeue
@@ -151,6 +154,21 @@ class SlurmOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{cli_flag(name)}: {value!r} is not allowed; allowed: an integer ≥ {low}")
+        if self.runs_per_gpu is not None:
+            n = self.runs_per_gpu
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                problems.append(f"--runs-per-gpu: {n!r} is not allowed; allowed: an integer ≥ 1")
+            elif isinstance(self.gpus_per_run, int) and self.gpus_per_run < 1:
+                problems.append(
+                    f"--runs-per-gpu: {n} is not allowed with --slurm-gpus-per-run {self.gpus_per_run}; allowed: "
+                    "only with --slurm-gpus-per-run ≥ 1 (it packs N runs onto each GPU of an array task)"
+                )
+            elif isinstance(self.runs_per_task, int) and self.runs_per_task < self.concurrent_runs:
+                problems.append(
+                    f"--runs-per-task: {self.runs_per_task} is not allowed with --runs-per-gpu {n} and "
+                    f"--slurm-gpus-per-run {self.gpus_per_run}; allowed: ≥ {self.concurrent_runs} (the runs a "
+                    "task trains at once; fewer would leave GPU slots idle)"
+                )
         if self.mem_gb is not None and (
             isinstance(self.mem_gb, bool) or not isinstance(self.mem_gb, (int, float)) or not self.mem_gb > 0
         ):
@@ -191,12 +209,17 @@ class SlurmOptions:
             pairs.append((key.strip().removeprefix("--"), value.strip()))
         return tuple(pairs)
 
+    @property
+    def concurrent_runs(self) -> int:
+        """Runs one array task trains at once: ``runs_per_gpu`` × ``gpus_per_run``, else 1."""
+        return self.runs_per_gpu * self.gpus_per_run if self.runs_per_gpu else 1
+
     def submitit_parameters(self, job_name: str) -> dict[str, Any]:
         """Parameters for ``submitit.SlurmExecutor.update_parameters`` (sbatch option names, '_' for '-')."""
         params: dict[str, Any] = {
             "job_name": job_name,
             "time": self.time_min,
-            "cpus_per_task": self.cpus_per_run,
+            "cpus_per_task": self.cpus_per_run * self.concurrent_runs,
             "signal_delay_s": self.signal_delay_s,
             "array_parallelism": self.array_parallelism,
         }
@@ -301,6 +324,7 @@ class WorkerSettings:
     wandb_cfg: dict[str, Any] | None = None
     max_requeues: int = 3
     signal_delay_s: int = 90
+    runs_per_gpu: int | None = None  # train this many runs at once per GPU of the task (device cuda; on CPU: at once)
 
 
 @dataclass
@@ -418,7 +442,13 @@ def submit_grid(
         record = {"runs": {}, "launches": []}
     record["runs"].update(runs)
     record["launches"].append(
-        {"submitted": time.time(), "jobs": [j.job_id for j in jobs], "runs": len(todo), "runs_per_task": k}
+        {
+            "submitted": time.time(),
+            "jobs": [j.job_id for j in jobs],
+            "runs": len(todo),
+            "runs_per_task": k,
+            "runs_per_gpu": options.runs_per_gpu,
+        }
     )
     store.atomic_write_json(path, record)
     return Submission([j.job_id for j in jobs], runs, queued, folder)
@@ -452,30 +482,6 @@ def wait_for_jobs(
 
 
 # --- the worker side ---------------------------------------------------------------------------------------
-
-
-def register_extra_tasks(env: dict[str, str] | None = None) -> list[str]:
-    """Register the task modules named in ``$TRICKBENCH_EXTRA_TASKS`` (``name=module[,...]``); return the names.
-
-    For tasks that are not in the shipped registry (the tests' synthetic task): a SLURM worker is a fresh
-    Python, so a registration made at runtime in the submitting process does not reach it.
-    """
-    spec = (os.environ if env is None else env).get(EXTRA_TASKS_ENV, "").strip()
-    if not spec:
-        return []
-    from bench import spec as spec_module
-    from experiments import registry
-
-    names = []
-    for item in spec.split(","):
-        name, sep, module = item.strip().partition("=")
-        if not sep or not name.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-            raise ValueError(f"{EXTRA_TASKS_ENV}: {item!r} is not allowed; allowed: name=package.module[,...]")
-        registry._TASK_MODULES[name] = module
-        names.append(name)
-    registry.TASK_NAMES = tuple(dict.fromkeys((*registry.TASK_NAMES, *names)))
-    spec_module.TASK_NAMES = registry.TASK_NAMES
-    return names
 
 
 def _preempt_signal() -> signal.Signals:
@@ -583,37 +589,63 @@ class SlurmTask(Checkpointable):
             c for c in cells if store.run_status(store.run_dir(root, c.grid, c.run_id)) not in store.RunStatus.FINISHED
         ]
 
-    def __call__(self, cells: list[dict[str, Any]], results_root: str) -> dict[str, str]:
-        stop = _StopSignals().install()
-        register_extra_tasks()
-        from bench import store
-        from bench.executors.worker import RunState, run_one
-        from bench.grid import Cell
+    def _train(self, cells: list[Any], root: Path, stop: _StopSignals, job_id: str) -> dict[str, dict[str, Any]]:
+        """Train ``cells`` until done or signalled; run_id -> result (runs never started are left out)."""
+        from bench.executors.worker import run_one
         from bench.loop import RunContext
 
         s = self.settings
-        job_id = _job_id()
-        root = Path(results_root)
-        statuses: dict[str, str] = {}
-        interrupted: tuple[Cell, int | None] | None = None
-        all_cells = [Cell.from_dict(d) for d in cells]
-        for cell in all_cells:
+        if s.runs_per_gpu:  # N runs at once per GPU of this task, one process each (device cpu: N at once)
+            from bench.executors.local import gpu_jobs, run_pool
+
+            jobs, gpus = gpu_jobs(s.runs_per_gpu, "cuda") if s.device == "cuda" else (s.runs_per_gpu, 0)
+            return run_pool(
+                cells,
+                root,
+                jobs,
+                device=s.device,
+                threads=s.threads,
+                code_version=s.code_version,
+                grid_tricks=s.grid_tricks,
+                show_progress=False,
+                gpu_count=gpus,
+                wandb_cfg=s.wandb_cfg,
+                stop=stop.is_set,
+                job_id=job_id,
+            )
+        results: dict[str, dict[str, Any]] = {}
+        for cell in cells:
             if stop.is_set():
                 break
             ctx = RunContext(device=s.device, threads=s.threads, stop=stop.is_set, code_version=s.code_version)
             res = run_one(cell, root, ctx, s.grid_tricks.get(cell.task, list(cell.tricks_on)), s.wandb_cfg, job_id)
-            statuses[cell.run_id] = res["status"]
+            results[cell.run_id] = res
             if res["status"] == "interrupted":
-                interrupted = (cell, res.get("step"))
                 break
-        if not stop.is_set() or (interrupted is None and not self._unfinished(all_cells, root)):
+        return results
+
+    def __call__(self, cells: list[dict[str, Any]], results_root: str) -> dict[str, str]:
+        stop = _StopSignals().install()
+        register_extra_tasks()
+        from bench import store
+        from bench.executors.worker import RunState
+        from bench.grid import Cell
+
+        s = self.settings
+        job_id = _job_id()
+        root = Path(results_root)
+        all_cells = [Cell.from_dict(d) for d in cells]
+        results = self._train(all_cells, root, stop, job_id)
+        statuses = {rid: res["status"] for rid, res in results.items()}
+        interrupted = [(c, results[c.run_id].get("step")) for c in all_cells if statuses.get(c.run_id) == "interrupted"]
+        if not stop.is_set() or (not interrupted and not self._unfinished(all_cells, root)):
             return statuses  # no signal, or one that came after the last run finished
 
         received = set(stop.received)
         usr = _preempt_signal().name
         if usr not in received:  # SIGTERM only: the scheduler ends this job (and requeues it, or not)
-            if interrupted is not None:
-                run_dir = store.run_dir(root, interrupted[0].grid, interrupted[0].run_id)
+            for cell, _ in interrupted:
+                run_dir = store.run_dir(root, cell.grid, cell.run_id)
                 RunState(run_dir, job_id).set("interrupted", reason=f"{'+'.join(sorted(received))} from SLURM")
             print(f"trickbench: {'+'.join(sorted(received))}; checkpointed, exiting", file=sys.stderr, flush=True)
             raise SystemExit(143)
@@ -622,9 +654,8 @@ class SlurmTask(Checkpointable):
         # a USR2 is a timeout when it comes with the time limit near (else: preemption, or a manual signal)
         timed_out = left_s is None or left_s <= s.signal_delay_s + SIGNAL_RESOLUTION_S
         why = f"time limit near ({left_s} s left)" if timed_out else f"preempted ({left_s} s left)"
-        requeue_state: tuple[RunState, dict[str, Any]] | None = None
-        if interrupted is not None:
-            cell, step = interrupted
+        requeue_states: list[tuple[RunState, dict[str, Any]]] = []
+        for cell, step in interrupted:
             run_dir = store.run_dir(root, cell.grid, cell.run_id)
             state = RunState(run_dir, job_id)
             timeouts = state.data.get("timeouts", 0) + int(timed_out)
@@ -637,12 +668,11 @@ class SlurmTask(Checkpointable):
                 _write_incomplete(cell, run_dir, reason, step, state.data)
                 statuses[cell.run_id] = store.RunStatus.INCOMPLETE
             else:
-                requeue_state = (state, {"timeouts": timeouts, "reason": why, "step": step})
+                requeue_states.append((state, {"timeouts": timeouts, "reason": why, "step": step}))
         if not self._unfinished(all_cells, root):  # e.g. the interrupted run, the task's last, is now incomplete
             return statuses
         error = _requeue(job_id)
-        if requeue_state is not None:
-            state, fields = requeue_state
+        for state, fields in requeue_states:
             if error is None:
                 state.set("requeued", requeues=state.data.get("requeues", 0) + 1, **fields)
             else:
