@@ -47,6 +47,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -439,23 +440,83 @@ def _order_balanced(led: list[float], followed: list[float]) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Part 2: trick costs (each run in a fresh process)
+# Part 2: trick costs (time: every arm in one process, step by step in turn; memory: fresh processes)
 
 
-def _timed_run_in_child(task: str, tricks: dict[str, Any], steps: int, threads: int, seed: int) -> dict[str, Any]:
-    """Runs in a fresh spawned process: one harness run; its time and memory per sample."""
+class _Baton:
+    """Round-robin turns for threads that train one step each in turn (exactly one runs at a time)."""
+
+    def __init__(self, n: int) -> None:
+        self.turn, self.active = 0, [True] * n
+        self.cond = threading.Condition()
+
+    def wait(self, i: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == i)
+
+    def pass_on(self, i: int, finished: bool = False) -> None:
+        with self.cond:
+            self.active[i] = not finished
+            n = len(self.active)
+            nxt = next(((i + k) % n for k in range(1, n + 1) if self.active[(i + k) % n]), None)
+            self.turn = nxt if nxt is not None else -1
+            self.cond.notify_all()
+
+
+def lockstep_train(cells: Sequence[Cell], threads: int = 1) -> list[TimedRun]:
+    """Train ``cells`` with the harness in this process, one optimizer step each in turn, each step timed.
+
+    One thread per run, but only one trains at any moment (a baton passed in each run's progress
+    callback), so every run's step i runs within one round of the others' step i: a load burst hits
+    all arms alike, and no run pays for another's process start or memory layout (fresh processes
+    differ by ±20 % on a 1 ms step). Step windows exclude the hand-over; thread CPU time is per run.
+    """
+    from bench.loop import RunContext, train
+
+    n = len(cells)
+    baton = _Baton(n)
+    walls: list[list[float]] = [[] for _ in range(n)]
+    cpus: list[list[float]] = [[] for _ in range(n)]
+    results: list[dict[str, Any] | BaseException] = [{} for _ in range(n)]
+
+    def worker(i: int, run_dir: Path) -> None:
+        baton.wait(i)
+        start = [time.perf_counter(), time.thread_time()]
+
+        def after_step(*_: Any) -> None:
+            walls[i].append(time.perf_counter() - start[0])
+            cpus[i].append(time.thread_time() - start[1])
+            baton.pass_on(i)
+            baton.wait(i)
+            start[0], start[1] = time.perf_counter(), time.thread_time()
+
+        try:
+            results[i] = train(
+                cells[i], run_dir, RunContext(threads=threads, on_progress=after_step, progress_interval_s=0)
+            )
+        except BaseException as exc:  # re-raised in the caller's thread
+            results[i] = exc
+        finally:
+            baton.pass_on(i, finished=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+        pool = [threading.Thread(target=worker, args=(i, Path(tmp) / f"{i}-{c.run_id}")) for i, c in enumerate(cells)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    keep = slice(1, -1)  # step 1: construction and warm-up; last step: the final evaluation
+    return [TimedRun([], [], walls[i][keep], cpus[i][keep], results[i], {}) for i in range(n)]
+
+
+def _memory_run_in_child(task: str, tricks: dict[str, Any], steps: int, threads: int, seed: int) -> dict[str, Any]:
+    """Runs in a fresh spawned process: one harness run; its peak memory and status."""
     cell = perf_cell(task, tricks, steps=steps, seed=seed)
     run = harness_train(cell, threads)
-    cost = run.result["cost"]
-    sps = cost["samples"] / max(1, cost["steps"])
-    return {
-        "step_wall_s": statistics.mean(run.step_wall_s),  # the mean keeps periodic costs (snapshots)
-        "step_cpu_s": statistics.mean(run.step_cpu_s),
-        "samples_per_step": sps,
-        "peak_mem_mb": cost["peak_mem_mb"],
-        "final_eval_s": cost["eval_s"],
-        "status": run.result["status"],
-    }
+    return {"peak_mem_mb": run.result["cost"]["peak_mem_mb"], "status": run.result["status"]}
 
 
 def trick_costs(
@@ -464,44 +525,70 @@ def trick_costs(
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per arm (baseline first, then each trick alone with its task defaults).
 
-    Time per sample = mean step time (steps 2..n−1) / samples per step; both time and memory
-    as the median over ``repeats`` fresh processes, and relative to the baseline's medians.
+    Time per sample = mean step time (steps 2..n−1: the mean keeps periodic costs such as
+    snapshots) / samples per step. Each trick is timed against the baseline in one process,
+    the two trained one step each in turn (:func:`lockstep_train`; which leads alternates
+    between repeats): ``time_rel`` is the median of those paired ratios. Pairs, not all arms
+    at once: a dozen models trained in turn evict each other from the caches and double every
+    step. Peak memory = resident growth of a fresh process per arm (two at a time: memory does
+    not depend on the neighbour), median over ``repeats``, relative to the baseline's.
     """
     from experiments.registry import get_task
 
     steps = steps or DEFAULT_STEPS.get(task, 100)
     names = list(tricks) if tricks is not None else list(get_task(task).tricks)
     arms = [("baseline", {})] + [(t, {t: None}) for t in names]
-    runs: dict[str, list[dict[str, Any]]] = {a: [] for a, _ in arms}
+    base_cell = perf_cell(task, {}, steps=steps, seed=seed)
+    base_runs: list[TimedRun] = []
+    timed: dict[str, list[TimedRun]] = {a: [] for a, _ in arms}
+    ratios: dict[str, list[tuple[float, float]]] = {a: [] for a, _ in arms}
+
+    def per_sample_s(run: TimedRun, cpu: bool = False) -> float:
+        sps = run.result["cost"]["samples"] / max(1, run.result["cost"]["steps"])
+        return statistics.mean(run.step_cpu_s if cpu else run.step_wall_s) / sps
+
+    for r in range(repeats):
+        for arm, on in arms[1:]:
+            pair = [base_cell, perf_cell(task, on, steps=steps, seed=seed)]
+            base, trick = lockstep_train(pair, threads) if r % 2 == 0 else lockstep_train(pair[::-1], threads)[::-1]
+            base_runs.append(base)
+            timed[arm].append(trick)
+            ratios[arm].append(
+                (per_sample_s(trick) / per_sample_s(base), per_sample_s(trick, True) / per_sample_s(base, True))
+            )
+    timed["baseline"] = base_runs or lockstep_train([base_cell], threads)
+    ratios["baseline"] = [(1.0, 1.0)]
     ctx = get_context("spawn")
-    for _ in range(repeats):  # arms interleaved, so load drifts hit every arm alike
-        for arm, on in arms:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                runs[arm].append(pool.submit(_timed_run_in_child, task, on, steps, threads, seed).result())
+    memory: dict[str, list[dict[str, Any]]] = {a: [] for a, _ in arms}
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx, max_tasks_per_child=1) as pool:  # a fresh process each
+        futures = [
+            (arm, pool.submit(_memory_run_in_child, task, on, steps, threads, seed))
+            for _ in range(repeats)
+            for arm, on in arms
+        ]
+        for arm, fut in futures:
+            memory[arm].append(fut.result())
     rows = []
+    base_mem = statistics.median(m["peak_mem_mb"] for m in memory["baseline"])
     for arm, _ in arms:
-        rs = runs[arm]
-        us = statistics.median(1e6 * r["step_wall_s"] / r["samples_per_step"] for r in rs)
-        cpu_us = statistics.median(1e6 * r["step_cpu_s"] / r["samples_per_step"] for r in rs)
-        mem = statistics.median(r["peak_mem_mb"] for r in rs)
+        runs = timed[arm]
+        mem = statistics.median(m["peak_mem_mb"] for m in memory[arm])
         rows.append(
             {
                 "task": task,
                 "trick": arm,
                 "steps": steps,
                 "repeats": repeats,
-                "us_per_sample": round(us, 3),
-                "cpu_us_per_sample": round(cpu_us, 3),
+                "us_per_sample": round(1e6 * statistics.median(per_sample_s(r) for r in runs), 3),
+                "cpu_us_per_sample": round(1e6 * statistics.median(per_sample_s(r, True) for r in runs), 3),
                 "peak_mem_mb": round(mem, 2),
-                "final_eval_s": round(statistics.median(r["final_eval_s"] for r in rs), 3),
-                "status": ",".join(sorted({r["status"] for r in rs})),
+                "final_eval_s": round(statistics.median(r.result["cost"]["eval_s"] for r in runs), 3),
+                "status": ",".join(sorted({r.result["status"] for r in runs} | {m["status"] for m in memory[arm]})),
+                "time_rel": round(statistics.median(w for w, _ in ratios[arm]), 3),
+                "cpu_time_rel": round(statistics.median(c for _, c in ratios[arm]), 3),
+                "mem_rel": round(mem / base_mem, 3) if base_mem > 0 else math.nan,
             }
         )
-    base = rows[0]
-    for row in rows:
-        row["time_rel"] = round(row["us_per_sample"] / base["us_per_sample"], 3)
-        row["cpu_time_rel"] = round(row["cpu_us_per_sample"] / base["cpu_us_per_sample"], 3)
-        row["mem_rel"] = round(row["peak_mem_mb"] / base["peak_mem_mb"], 3) if base["peak_mem_mb"] > 0 else math.nan
     return rows
 
 
@@ -976,8 +1063,10 @@ def run(args: argparse.Namespace) -> int:
             "tricks",
             "Cost of each trick relative to the baseline",
             rows,
-            "Time per sample = mean step time (steps 2..n-1) / samples per step; peak memory = resident-memory "
-            f"growth of a fresh process (CPU; approximate). Median over {trick_repeats} fresh processes per arm.",
+            "Time per sample = mean step time (steps 2..n-1) / samples per step; each trick trained against the "
+            "baseline in one process, one step each in turn (which leads alternates between repeats); time_rel = "
+            "median of those paired ratios. Peak memory = resident-memory growth of a fresh process per arm (CPU: "
+            f"sampled every 50 ms, approximate; exact on CUDA). Medians over {trick_repeats} repeats.",
         )
     if "ema" in args.only:
         rows = [

@@ -171,3 +171,29 @@ def test_bench_perf_cli_writes_tables(tmp_path: Path, capsys: pytest.CaptureFixt
     md = next(tmp_path.glob("perf_*_parity+data.md")).read_text()
     assert "load_average" in md and "ratio_wall" in md
     assert {p.name.split("_", 2)[-1] for p in tmp_path.glob("perf_*_*.csv")} == {"parity.csv", "data.csv"}
+
+
+def test_lockstep_runs_take_turns_and_train_what_they_train_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import perf
+
+    cells = [perf_cell("toy_diffusion", tricks, steps=12) for tricks in ({}, {"ema": None}, {"fourier_features": None})]
+    runs = perf.lockstep_train(cells)
+    assert [len(r.step_wall_s) for r in runs] == [10, 10, 10]  # 12 steps, first and last dropped
+    assert all(t > 0 for r in runs for t in r.step_wall_s + r.step_cpu_s)
+    for i, (cell, run) in enumerate(zip(cells, runs)):
+        alone = train(cell, tmp_path / str(i), RunContext(threads=1))
+        assert run.result["metric"] == alone["metric"]
+
+    order: list[int] = []  # who handed the baton on after a step: 0, 1, 2, 0, 1, 2, ... then the longer runs
+    original = perf._Baton.pass_on
+
+    def recording(self: perf._Baton, i: int, finished: bool = False) -> None:
+        if not finished:
+            order.append(i)
+        original(self, i, finished)
+
+    monkeypatch.setattr(perf._Baton, "pass_on", recording)
+    perf.lockstep_train([*cells[:2], perf_cell("toy_diffusion", {}, steps=6)])
+    assert order == [0, 1, 2] * 6 + [0, 1] * 6

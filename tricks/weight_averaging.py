@@ -360,11 +360,12 @@ class PostHocEMA:
             raise ValueError("model: its state_dict keys do not match the ones PostHocEMA was built with")
         self.num_updates += 1
         new = [state[k] for k in self._avg_keys]
+        copied = [state[k] for k in self._copy_keys]  # e.g. BatchNorm's num_batches_tracked: copied, not averaged
         for gamma, tracked in zip(self.gammas, self._tracked):
             beta = power_ema_beta(self.num_updates, gamma)
             ema_update_([tracked[k] for k in self._avg_keys], new, beta)
-            for k in self._copy_keys:
-                tracked[k].copy_(state[k])
+            if copied:
+                torch._foreach_copy_([tracked[k] for k in self._copy_keys], copied)
 
     @torch.no_grad()
     def maybe_snapshot(self, samples_seen: int) -> bool:
