@@ -95,3 +95,28 @@ def test_dry_run_writes_nothing(tmp_path: Path, capsys) -> None:
     assert main(["run", str(spec_path), "--results", str(results), "--dry-run"]) == 0
     assert "4 runs" in capsys.readouterr().out
     assert not results.exists()
+
+
+def test_pool_stopped_from_outside_interrupts_running_runs_and_leaves_the_rest_untouched(tmp_path: Path) -> None:
+    """``run_pool(stop=...)`` (how a SLURM task stops on a signal): a running run checkpoints and reports
+    ``interrupted``; runs not started — queued or already handed to a worker — get no folder and no result."""
+    from bench.executors.local import run_pool
+    from bench.grid import expand
+    from bench.spec import parse_spec
+    from experiments.registry import get_task
+
+    tiny = get_task("toy_diffusion").tiny
+    long_train = tiny["train"] | {"budget_samples": 64 * 100_000, "checkpoint_every_samples": 64 * 1000}
+    spec = {
+        "grid": "stop",
+        "seeds": 4,
+        "design": "one_at_a_time",
+        "tasks": {"toy_diffusion": tiny | {"train": long_train}},
+    }
+    cells = expand(parse_spec(spec))
+    started = tmp_path / "results" / "stop" / "runs"
+    results = run_pool(cells, tmp_path / "results", 1, show_progress=False, stop=lambda: started.exists())
+    assert len(results) == 1 and next(iter(results.values()))["status"] == "interrupted"
+    (run_id,) = results
+    assert sorted(p.name for p in started.iterdir()) == [run_id]
+    assert (started / run_id / store.CHECKPOINT).exists() and not (started / run_id / store.RESULT).exists()

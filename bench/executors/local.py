@@ -38,6 +38,7 @@ __all__ = ["default_jobs", "gpu_jobs", "run_debug", "run_local", "run_pool", "wo
 _STOP: Any = None  # the pool's shared stop flag (multiprocessing.Event)
 _DEVICE: str | None = None  # the GPU this worker is pinned to (runs_per_gpu), else None
 _SIGNALS: list[str] = []  # SIGTERM/SIGUSR2 this worker received itself (inside a SLURM array task)
+_NOT_STARTED = "not_started"  # a worker's answer for a run it got after the stop flag was set
 
 
 def default_jobs() -> int:
@@ -106,6 +107,9 @@ def _worker(
     job_id: str | None = None,
 ) -> dict[str, Any]:
     cell = Cell.from_dict(cell_dict)
+    if _stopped():  # queued before the pool was stopped, reached after: leave the run untouched
+        queue.put((cell.run_id, None, None, None))
+        return {"run_id": cell.run_id, "status": _NOT_STARTED, "error": None, "step": None}
 
     def progress(done: int, total: int, loss: float) -> None:
         queue.put((cell.run_id, done, total, loss))
@@ -181,8 +185,9 @@ def run_pool(
     ``gpu_count`` > 0: worker i is pinned to ``cuda:(i mod gpu_count)`` when it starts. ``stop`` (polled
     every 0.25 s; e.g. a SLURM signal flag) stops the pool as Ctrl-C does, but returns instead of raising:
     running runs checkpoint at their next step and report ``interrupted``, runs not yet started are left
-    out of the result. ``job_id`` (a SLURM array task) is recorded in each run's ``state.json``; it also
-    makes the workers catch SIGTERM/SIGUSR2 themselves (a scheduler may signal every process of a job).
+    out of the result (also those already handed to a worker: it returns them untouched). ``job_id`` (a
+    SLURM array task) is recorded in each run's ``state.json``; it also makes the workers catch
+    SIGTERM/SIGUSR2 themselves (a scheduler may signal every process of a job).
     """
     jobs = max(1, min(jobs, len(cells))) if cells else 1
     threads = threads or 1  # one thread per run: bit-identical to a resume on any executor
@@ -242,6 +247,8 @@ def run_pool(
                         if fut.cancelled():
                             continue
                         res = fut.result()
+                        if res["status"] == _NOT_STARTED:
+                            continue  # like a cancelled future: not a result
                         results[res["run_id"]] = res
                         overall.update(1)
                         if res["status"] == "failed":
