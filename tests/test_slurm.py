@@ -106,8 +106,14 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> N
 
 
 def _release_when_pending(job: str) -> None:
-    """A requeued job is held ~2 min ("BeginTime"); start it at once, as an operator can."""
+    """A requeued job is held ~2 min ("BeginTime"); start it early, as an operator can.
+
+    Not within the second of the requeue: slurmd revokes the old instance's credential with a
+    one-second timestamp, and a relaunch in that same second is killed as "Job credential revoked"
+    (seen once in this project's runs: the job then left the queue without a second attempt).
+    """
     _wait_until(lambda: (queue_states() or {}).get(job) == "PENDING", 60, f"job {job} to be pending again")
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
 
 
