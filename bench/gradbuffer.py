@@ -2,8 +2,8 @@
 
 The loop records the gradient norm at every optimizer step (a stability outcome). With one
 gradient tensor per parameter that costs a kernel per parameter (~2 µs each on CPU: 5 % of a
-tiny task's 1 ms step); with the gradients as views of one flat buffer it is one
-``vector_norm`` and zeroing is one ``zero_()`` — cheaper than autograd allocating fresh
+tiny task's 1 ms step); with the gradients as views of one flat buffer it is one kernel
+(a BLAS dot on CPU, ``vector_norm`` elsewhere) and zeroing is one ``zero_()`` — cheaper than autograd allocating fresh
 gradients every step, so the harness matches a bare PyTorch loop (``bench perf``). DDP's
 gradient buckets make the same trade.
 
@@ -12,7 +12,9 @@ that received no gradient would then be *stepped* with a zero gradient (AdamW de
 applies its momentum) instead of *skipped*. The loop therefore uses the buffer only for
 tasks that declare ``Task.dense_grads`` (every trainable parameter gets a gradient at every
 step, under every trick — tested for every cell of the applicability matrix) and checks it
-on the first step of every call: :meth:`FlatGrads.adopt` raises if a gradient is missing.
+on the first step of every call: :meth:`FlatGrads.adopt` raises if a gradient is missing. A
+``.grad`` replaced later (e.g. by a ``zero_grad`` inside the task) is caught by
+:meth:`FlatGrads.attached` before the run evaluates, checkpoints or reports.
 
 Values are bit-identical to per-parameter gradients: autograd adds each micro-batch's
 gradient into the zeroed view (``0 + g == g``), exactly as it sums micro-batches otherwise.
