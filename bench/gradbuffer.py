@@ -3,9 +3,9 @@
 The loop records the gradient norm at every optimizer step (a stability outcome). With one
 gradient tensor per parameter that costs a kernel per parameter (~2 µs each on CPU: 5 % of a
 tiny task's 1 ms step); with the gradients as views of one flat buffer it is one kernel
-(a BLAS dot on CPU, ``vector_norm`` elsewhere) and zeroing is one ``zero_()`` — cheaper than autograd allocating fresh
-gradients every step, so the harness matches a bare PyTorch loop (``bench perf``). DDP's
-gradient buckets make the same trade.
+(a BLAS dot on CPU, ``vector_norm`` elsewhere) and zeroing is one ``zero_()`` — cheaper than
+autograd allocating fresh gradients every step, so the harness matches a bare PyTorch loop
+(``bench perf``). DDP's gradient buckets make the same trade.
 
 The trade: a parameter's gradient is never ``None`` between steps, only zero. A parameter
 that received no gradient would then be *stepped* with a zero gradient (AdamW decays it and
