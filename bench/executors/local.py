@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -159,10 +160,7 @@ def run_local(
         gpu_count=gpu_count,
         wandb_cfg=wandb_cfg,
     )
-    counts: dict[str, int] = {}
-    for res in results.values():
-        counts[res["status"]] = counts.get(res["status"], 0) + 1
-    return counts
+    return dict(Counter(res["status"] for res in results.values()))
 
 
 def run_pool(
