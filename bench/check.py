@@ -47,7 +47,7 @@ from typing import Any
 from bench import store
 from bench.grid import Cell, expand
 from bench.spec import GridSpec, load_spec
-from experiments.registry import TASK_NAMES
+from experiments.registry import task_names
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -92,7 +92,7 @@ def regression_spec_path(task: str) -> Path:
 
 def regression_tasks() -> list[str]:
     """Tasks that have a regression grid, in registry order."""
-    return [t for t in TASK_NAMES if regression_spec_path(t).is_file()]
+    return [t for t in task_names() if regression_spec_path(t).is_file()]
 
 
 def baseline_path(baselines_dir: Path, task: str) -> Path:
@@ -338,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--task",
         action="append",
-        choices=TASK_NAMES,
+        choices=task_names(),
         help="check only this task (repeatable; default: every task with experiments/grids/regression_<task>.yaml)",
     )
     parser.add_argument(

@@ -2,13 +2,17 @@
 
 Read it top to bottom: the order in which tricks act is written here, not hidden in
 callbacks. The task supplies model, batches, loss and evaluation (and applies its own
-data/loss-level tricks inside ``batch``/``loss``); this loop applies the optimizer- and
-weight-level tricks at visible points:
+task-role tricks inside ``batch``/``loss``/``evaluate``); this loop asks the run's trick set
+(:class:`tricks.binding.TrickSet`) for the object of each of its named points — never for a
+trick by name — and calls it at a visible place:
 
-    per optimizer step:   k micro-batches (accumulation: loss / k) → divergence check →
+    build:                micro_batches role → samples per step; optimizer_groups role →
+                          optimizer; evaluated_weights role; bn_statistics role
+    per optimizer step:   k micro-batches (micro_batches role: loss / k) → divergence check →
                           gradient norm (+ optional clipping) → optimizer step →
-                          task.after_optimizer_step → EMA / post-hoc EMA update →
-                          periodic snapshot → [evaluate] → [checkpoint]
+                          task.after_optimizer_step → evaluated_weights.after_step →
+                          [evaluate: training weights as candidates → evaluated weights →
+                          bn_statistics recalibration] → [checkpoint]
 
 Gradients: for a task that declares ``dense_grads`` (every parameter gets a gradient every
 step) they live in one flat buffer (``bench.gradbuffer``), so the per-step gradient norm is one
@@ -30,7 +34,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +47,19 @@ from bench.grid import Cell
 from bench.memory import PeakMemory
 from bench.seeds import SeedBundle
 from bench.stability import stability_metrics
-from experiments.base import Task
+from experiments.base import MicroBatch, Task
 from experiments.registry import get_task
-from tricks import accumulation, checkpoint_averaging, ema, no_weight_decay, precise_bn, weight_averaging
+from tricks import accumulation
+from tricks.binding import BNStatistics, EvaluatedWeights, TrickSet
+from tricks.card import BuildContext
+from tricks.precise_bn import PreciseBN
+from tricks.registry import REGISTRY
 
-__all__ = ["RunContext", "TrainState", "train", "train_cell"]
+__all__ = ["RunContext", "TrainState", "build_task", "train", "train_cell"]
 
-BN_RECALIBRATION_BATCHES = 16  # when averaged weights need fresh BN statistics and precise_bn is off
+BN_RECALIBRATION_BATCHES = 16  # when averaged weights need fresh BN statistics and no bn_statistics trick is on
 GLOBAL_SEED_CHUNK_STEPS = 1024  # the loop derives the per-step global-RNG seeds this many steps at a time
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: trick state under its role ("evaluated_weights"), not under trick names
 
 
 @dataclass
@@ -89,10 +97,11 @@ class TrainState:
     resumes: int = 0
 
 
-def _build_optimizer(model: nn.Module, cfg: dict[str, Any], zero_wd_norm_bias: bool) -> torch.optim.Optimizer:
+def _build_optimizer(model: nn.Module, cfg: dict[str, Any], grouping: Any) -> torch.optim.Optimizer:
+    """The optimizer; ``grouping`` is the optimizer_groups role's object (None: one group, every parameter)."""
     wd = cfg["weight_decay"]
-    if zero_wd_norm_bias:
-        groups = no_weight_decay.param_groups(model, wd)
+    if grouping is not None:
+        groups = grouping.param_groups(model, wd)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": wd}]
     if cfg["optimizer"] == "adamw":
@@ -154,75 +163,16 @@ def _has_bn(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-class _Averagers:
-    """The weight-level tricks of one run and which model is evaluated.
+def build_task(config: dict[str, Any], streams: SeedBundle, device: torch.device) -> tuple[Task, BuildContext]:
+    """The task of a resolved run config, given the run's tricks (task-role objects built from their cards).
 
-    Priority when several are on (an incompatible combination the cards warn about):
-    post-hoc EMA > periodic averaging > EMA > the live weights; checkpoint averaging
-    replaces the final evaluated weights by the average of its kept checkpoints.
+    Returns the task and the build context the loop's own roles are built with. Used by the loop,
+    ``bench perf`` and tests that drive a task by hand.
     """
-
-    def __init__(
-        self, model: nn.Module, tricks: dict[str, dict[str, Any]], samples_per_step: int, higher_is_better: bool
-    ) -> None:
-        self.tricks = tricks
-        self.ema = self.posthoc = self.periodic = self.ckpt = None
-        if "ema" in tricks:
-            p = tricks["ema"]
-            self.ema = ema.EMA(
-                model,
-                half_life_samples=p["half_life_samples"],
-                samples_per_update=samples_per_step,
-                warmup=p["warmup"],
-                buffers=p["buffers"],
-            )
-        if "posthoc_ema" in tricks:
-            p = tricks["posthoc_ema"]
-            self.posthoc = weight_averaging.PostHocEMA(
-                model,
-                sigma_rels=(p["sigma_rel_a"], p["sigma_rel_b"]),
-                snapshot_every_samples=p["snapshot_every_samples"],
-                samples_per_update=samples_per_step,
-            )
-        if "periodic_averaging" in tricks:
-            p = tricks["periodic_averaging"]
-            self.periodic = weight_averaging.PeriodicAverager(p["snapshot_every_samples"], p["window_fraction"])
-        if "checkpoint_averaging" in tricks:
-            p = tricks["checkpoint_averaging"]
-            self.ckpt = checkpoint_averaging.CheckpointAverager(p["n"], p["mode"], higher_is_better=higher_is_better)
-
-    def update(self, model: nn.Module, samples: int) -> None:
-        """Once per optimizer step (never per micro-batch)."""
-        if self.ema is not None:
-            self.ema.update(model)
-        if self.posthoc is not None:
-            self.posthoc.update(model)
-            self.posthoc.maybe_snapshot(samples)
-        if self.periodic is not None:
-            self.periodic.maybe_snapshot(model, samples)
-
-    def eval_state(self, model: nn.Module, final: bool) -> tuple[dict[str, torch.Tensor] | nn.Module, bool]:
-        """(weights to evaluate, whether their BN statistics must be recomputed)."""
-        if final and self.ckpt is not None and self.ckpt.kept_steps:
-            return self.ckpt.average(), self.tricks["checkpoint_averaging"]["recompute_bn"]
-        if self.posthoc is not None and self.posthoc.num_snapshots:
-            return self.posthoc.reconstruct(self.tricks["posthoc_ema"]["target_sigma_rel"]), True
-        if self.periodic is not None and self.periodic.num_snapshots:
-            return self.periodic.average(), True
-        if self.ema is not None:
-            return self.ema.module, self.ema.needs_bn_recompute
-        return model, False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in self._items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, obj in self._items():
-            obj.load_state_dict(state[name])
-
-    def _items(self) -> list[tuple[str, Any]]:
-        pairs = [("ema", self.ema), ("posthoc", self.posthoc), ("periodic", self.periodic), ("ckpt", self.ckpt)]
-        return [(n, o) for n, o in pairs if o is not None]
+    task_cls = get_task(config["task"])
+    context = BuildContext(task_cls.name, task_cls.capabilities, task_cls.higher_is_better)
+    tricks = TrickSet(config["tricks"], {n: REGISTRY[n] for n in config["tricks"]}, context)
+    return task_cls(config["params"], tricks, streams, device, config["train"]), context
 
 
 class _Trainer:
@@ -232,11 +182,12 @@ class _Trainer:
         self.cell, self.out_dir, self.ctx, self.mem = cell, out_dir, ctx, mem
         cfg = cell.config
         self.train_cfg: dict[str, Any] = cfg["train"]
-        self.tricks: dict[str, dict[str, Any]] = cfg["tricks"]
         self.device = torch.device(ctx.device)
         self.streams = SeedBundle(cell.seed)
-        task_cls = get_task(cfg["task"])
-        self.task: Task = task_cls(cfg["params"], self.tricks, self.streams, self.device, self.train_cfg)
+        # the tricks that are on: task-role objects are built now (the task asks for them by name)
+        self.task, context = build_task(cfg, self.streams, self.device)
+        self.tricks: TrickSet = self.task.trickset
+        self.metric, self.higher_is_better = self.task.metric, self.task.higher_is_better
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams.seed_for("init"))
             self.model = self.task.build_model().to(self.device)
@@ -248,16 +199,23 @@ class _Trainer:
         self.train_model: nn.Module = torch.compile(self.model) if self.train_cfg["compile"] else self.model
         self.autocast_dtype = torch.bfloat16 if self.train_cfg["autocast"] == "bf16" else None
 
-        # accumulation: the same batch as k micro-batches of batch/k, loss / k, one optimizer step
-        self.k = self.tricks["accumulation"]["micro_batches"] if "accumulation" in self.tricks else 1
-        self.micro_sizes = accumulation.split_micro_batches(self.train_cfg["batch_size"], self.k)
+        # the loop's roles, built in this order (each may need what the previous one fixed)
+        # micro_batches: the same batch as k micro-batches of batch/k, loss / k, one optimizer step
+        micro = self.tricks.build_role("micro_batches", context)
+        self.k = micro.micro_batches if micro is not None else 1
+        self.micro_sizes = (
+            micro.split(self.train_cfg["batch_size"]) if micro is not None else [self.train_cfg["batch_size"]]
+        )
         self.samples_per_step = sum(self.task.samples_per_micro_batch(m) for m in self.micro_sizes)
         self.total_steps = max(1, math.ceil(self.train_cfg["budget_samples"] / self.samples_per_step))
-
-        self.optimizer = _build_optimizer(self.model, self.train_cfg, "no_weight_decay" in self.tricks)
+        # optimizer_groups: the optimizer's parameter groups
+        grouping = self.tricks.build_role("optimizer_groups", context)
+        self.optimizer = _build_optimizer(self.model, self.train_cfg, grouping)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.averagers = _Averagers(self.model, self.tricks, self.samples_per_step, task_cls.higher_is_better)
-        self.metric, self.higher_is_better = task_cls.metric, task_cls.higher_is_better
+        # evaluated_weights: which weights every evaluation sees; bn_statistics: their BN recalibration
+        weights_context = replace(context, model=self.model, samples_per_step=self.samples_per_step)
+        self.evaluated: EvaluatedWeights | None = self.tricks.build_role("evaluated_weights", weights_context)
+        self.bn_statistics: BNStatistics | None = self.tricks.build_role("bn_statistics", context)
         self.state = TrainState()
         self.history: dict[str, Any] = {
             "train": {"step": [], "samples": [], "loss": [], "grad_norm": [], "lr": []},
@@ -291,7 +249,7 @@ class _Trainer:
             "run_id": self.cell.run_id,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "averagers": self.averagers.state_dict(),
+            "evaluated_weights": self.evaluated.state_dict() if self.evaluated is not None else None,
             "task": self.task.state_dict(),
             "history": self.history,
             "state": vars(self.state),
@@ -310,19 +268,25 @@ class _Trainer:
             raise RuntimeError(f"checkpoint {self.ckpt_path} belongs to another run or format; move it away to retrain")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.averagers.load_state_dict(payload["averagers"])
+        if self.evaluated is not None:
+            self.evaluated.load_state_dict(payload["evaluated_weights"])
         self.task.load_state_dict(payload["task"])
         self.history = payload["history"]
         self.state = TrainState(**payload["state"])
         self.state.resumes += 1
 
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, final: bool) -> dict[str, float]:
-        """Evaluate the trick-selected weights (EMA / averages) without touching training weights."""
-        self.check_grads()
-        weights, recompute_bn = self.averagers.eval_state(self.model, final)
-        needs_copy = not isinstance(weights, nn.Module) or "precise_bn" in self.tricks or recompute_bn
-        if isinstance(weights, nn.Module) and not needs_copy:
+    def _evaluate_weights(
+        self, weights: nn.Module | dict[str, torch.Tensor], recompute_bn: bool, final: bool, recalibrate: bool = True
+    ) -> tuple[dict[str, float], nn.Module]:
+        """Metrics of ``weights`` (a module or a state dict) and the module that was evaluated.
+
+        Training weights are never touched: state dicts, and modules whose BatchNorm statistics are
+        recomputed (the bn_statistics trick, or ``recompute_bn`` of averaged weights), are evaluated
+        in a copy of the model. ``recalibrate=False`` evaluates without the bn_statistics trick.
+        """
+        bn = self.bn_statistics if recalibrate else None
+        if isinstance(weights, nn.Module) and bn is None and not recompute_bn:
             eval_model = weights
         else:
             if self._eval_copy is None:
@@ -330,24 +294,45 @@ class _Trainer:
                 for p in self._eval_copy.parameters():
                     p.grad = None  # deepcopy copies gradients (the flat buffer's views); evaluation needs none
             eval_model = self._eval_copy
-            src = weights.state_dict() if isinstance(weights, nn.Module) else weights
-            eval_model.load_state_dict(src)
-        if _has_bn(eval_model) and ("precise_bn" in self.tricks or recompute_bn):
-            n = self.tricks.get("precise_bn", {}).get("num_batches", BN_RECALIBRATION_BATCHES)
-            precise_bn.recompute_bn_stats(eval_model, self.task.bn_batches(), n, forward_fn=self.task.bn_forward)
+            eval_model.load_state_dict(weights.state_dict() if isinstance(weights, nn.Module) else weights)
+        if _has_bn(eval_model) and (bn is not None or recompute_bn):
+            recal = bn if bn is not None else PreciseBN(BN_RECALIBRATION_BATCHES)
+            recal.recalibrate(eval_model, self.task.bn_batches(), self.task.bn_forward)
         was_training = eval_model.training
         eval_model.eval()
         with torch.no_grad():
             metrics = self.task.evaluate(eval_model, final)
-        if final and eval_model is not self.model and self.metric in metrics:
-            self.model.eval()
-            with torch.no_grad():
-                metrics[f"raw_{self.metric}"] = self.task.evaluate(self.model, final)[self.metric]
-            self.model.train()
         eval_model.train(was_training)
+        return {k: float(v) for k, v in metrics.items()}, eval_model
+
+    def evaluate(self, step: int, final: bool) -> dict[str, float]:
+        """Evaluate the weights the evaluated_weights trick chooses (the training weights when none is on).
+
+        A trick that takes candidates (checkpoint averaging) is offered the training weights with
+        their metric at every evaluation — at the final one too, before it chooses, with the metric
+        measured the way the intermediate evaluations measure it so candidates compare fairly.
+        At the final evaluation ``raw_<metric>`` records the training weights as they are whenever
+        something else was evaluated (other weights, or recalibrated BN statistics).
+        """
+        self.check_grads()
+        chooser = self.evaluated
+        if chooser is not None and chooser.takes_candidates:
+            weights, recompute = chooser.weights(self.model, final=False)
+            if final or weights is not self.model or recompute:
+                live, _ = self._evaluate_weights(self.model, False, final=False)
+                chooser.candidate(self.model, live.get(self.metric), step)
+            else:  # the intermediate evaluation is of the training weights: they are the candidate
+                metrics, used = self._evaluate_weights(self.model, False, final)
+                chooser.candidate(self.model, metrics.get(self.metric), step)
+                return metrics
+        weights, recompute = chooser.weights(self.model, final) if chooser is not None else (self.model, False)
+        metrics, used = self._evaluate_weights(weights, recompute, final)
         if final:
-            self._final_eval_model = eval_model
-        return {k: float(v) for k, v in metrics.items()}
+            if used is not self.model and self.metric in metrics:
+                raw, _ = self._evaluate_weights(self.model, False, final, recalibrate=False)
+                metrics[f"raw_{self.metric}"] = raw[self.metric]
+            self._final_eval_model = used
+        return metrics
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -396,10 +381,12 @@ class _Trainer:
 
             # accumulation: k micro-batches, each loss / k, gradients summed, one optimizer step
             loss_sum: torch.Tensor | None = None
+            progress = samples_before / self.train_cfg["budget_samples"]
             for micro, size in enumerate(self.micro_sizes):
-                batch = task.batch(fwd, step, micro, size, samples_before / self.train_cfg["budget_samples"])
+                mb = MicroBatch(step=step, index=micro, count=k, size=size, progress=progress)
+                batch = task.batch(fwd, mb)
                 with autocast:
-                    loss, _extra = task.loss(fwd, batch, step, micro)
+                    loss, _extra = task.loss(fwd, batch, mb)
                 (accumulation.scale_loss(loss, k) if k > 1 else loss).backward()  # k = 1: no extra graph node
                 # a float32 sum, as before from a float32 zero (0 + x == x bit for bit for any loss but -0.0)
                 loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
@@ -421,7 +408,8 @@ class _Trainer:
                 optimizer.zero_grad(set_to_none=True)
             task.after_optimizer_step(model, step)
             samples = (step + 1) * self.samples_per_step
-            self.averagers.update(model, samples)
+            if self.evaluated is not None:
+                self.evaluated.after_step(model, samples)  # once per optimizer step, never per micro-batch
 
             hist["step"].append(step)
             hist["samples"].append(samples)
@@ -434,13 +422,9 @@ class _Trainer:
             if _crossed(step, self.samples_per_step, eval_every) or last:
                 self.state.train_s += time.perf_counter() - t0
                 t_eval = time.perf_counter()
-                metrics = self.evaluate(final=last)
+                metrics = self.evaluate(step, final=last)
                 self.state.eval_s += time.perf_counter() - t_eval
                 self.history["eval"].append({"step": step, "samples": samples, **metrics})
-                if self.averagers.ckpt is not None and not last:
-                    weights, _ = self.averagers.eval_state(model, final=False)
-                    sd = weights.state_dict() if isinstance(weights, nn.Module) else weights
-                    self.averagers.ckpt.offer(sd, metrics.get(self.metric), step)
                 self._track(step, samples, loss_value, metrics)
                 t0 = time.perf_counter()
             if _crossed(step, self.samples_per_step, ckpt_every) and not last:

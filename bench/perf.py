@@ -59,8 +59,10 @@ from typing import Any
 import torch
 
 from bench.grid import Cell, run_id_of
+from bench.loop import build_task
 from bench.seeds import SeedBundle
 from bench.spec import parse_spec
+from experiments.base import MicroBatch
 
 __all__ = [
     "PARTS",
@@ -123,7 +125,7 @@ def tiny_cell(task: str, steps: int, tricks: dict[str, Any] | None = None, train
     given = {
         k: v
         for k, v in tiny["train"].items()
-        if k not in ("budget_samples", "eval_every_samples", "checkpoint_every_samples")
+        if k not in ("budget_samples", "eval_every_samples", "checkpoint_every_samples", "lr")  # the task's own lr
     }
     return perf_cell(task, tricks, steps=steps, params=tiny["params"], train=given | (train or {}))
 
@@ -141,11 +143,12 @@ _SPS_CACHE: dict[str, int] = {}
 
 def _samples_per_step(task: str, params: dict[str, Any], train: dict[str, Any], seed: int) -> int:
     """Budget samples one optimizer step consumes (images, points, transitions) — asks the task."""
-    from experiments.registry import get_task
 
     key = repr((task, sorted(params.items()), train["batch_size"]))
     if key not in _SPS_CACHE:
-        inst = get_task(task)(params, {}, SeedBundle(seed), torch.device("cpu"), train)
+        inst, _ = build_task(
+            {"task": task, "params": params, "train": train, "tricks": {}}, SeedBundle(seed), torch.device("cpu")
+        )
         _SPS_CACHE[key] = inst.samples_per_micro_batch(train["batch_size"])
     return _SPS_CACHE[key]
 
@@ -222,7 +225,6 @@ class BareLoop:
     """
 
     def __init__(self, cell: Cell, threads: int = 1, device: str = "cpu") -> None:
-        from experiments.registry import get_task
 
         cfg = cell.config
         if cfg["tricks"]:
@@ -235,7 +237,7 @@ class BareLoop:
         torch.set_num_threads(threads)
         dev = torch.device(device)
         streams = SeedBundle(cell.seed)
-        self.task = get_task(cfg["task"])(cfg["params"], {}, streams, dev, tr)
+        self.task, _ = build_task(cfg, streams, dev)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(streams.seed_for("init"))
             self.model = self.task.build_model().to(dev)
@@ -254,8 +256,9 @@ class BareLoop:
     def step(self) -> None:
         """Train the next optimizer step."""
         step, tr, task, model = len(self.losses), self.train_cfg, self.task, self.model
-        batch = task.batch(model, step, 0, tr["batch_size"], step * self.samples_per_step / tr["budget_samples"])
-        loss, _ = task.loss(model, batch, step, 0)
+        progress = step * self.samples_per_step / tr["budget_samples"]
+        mb = MicroBatch(step=step, index=0, count=1, size=tr["batch_size"], progress=progress)
+        loss, _ = task.loss(model, task.batch(model, mb), mb)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -533,10 +536,11 @@ def trick_costs(
     step. Peak memory = resident growth of a fresh process per arm (two at a time: memory does
     not depend on the neighbour), median over ``repeats``, relative to the baseline's.
     """
+    from bench.spec import applicable_tricks
     from experiments.registry import get_task
 
     steps = steps or DEFAULT_STEPS.get(task, 100)
-    names = list(tricks) if tricks is not None else list(get_task(task).tricks)
+    names = list(tricks) if tricks is not None else list(applicable_tricks(get_task(task)))
     arms = [("baseline", {})] + [(t, {t: None}) for t in names]
     base_cell = perf_cell(task, {}, steps=steps, seed=seed)
     base_runs: list[TimedRun] = []
@@ -633,10 +637,9 @@ def averaging_costs(task: str, step_s: float, step_cpu_s: float, threads: int = 
 
     torch.set_num_threads(threads)
     cell = perf_cell(task, seed=seed)
-    from experiments.registry import get_task
 
     streams = SeedBundle(seed)
-    inst = get_task(task)(cell.config["params"], {}, streams, torch.device("cpu"), cell.config["train"])
+    inst, _ = build_task(cell.config, streams, torch.device("cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(streams.seed_for("init"))
         model = inst.build_model()
@@ -676,11 +679,10 @@ def averaging_costs(task: str, step_s: float, step_cpu_s: float, threads: int = 
 
 def data_residency(task: str, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     """The tensors a task instance holds (its in-memory dataset) and their devices; DataLoaders if any."""
-    from experiments.registry import get_task
 
     cell = perf_cell(task, seed=seed)
     dev = torch.device(device)
-    inst = get_task(task)(cell.config["params"], {}, SeedBundle(seed), dev, cell.config["train"])
+    inst, _ = build_task(cell.config, SeedBundle(seed), dev)
     tensors = {}
     for name, value in vars(inst).items():
         items = value.items() if isinstance(value, dict) else [("", value)]
@@ -839,12 +841,10 @@ def step_profile(cell: Cell, threads: int = 1) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from experiments.registry import get_task
-
     torch.set_num_threads(threads)
     cfg, tr = cell.config, cell.config["train"]
     streams = SeedBundle(cell.seed)
-    task = get_task(cfg["task"])(cfg["params"], {}, streams, torch.device("cpu"), tr)
+    task, _ = build_task(cfg, streams, torch.device("cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(streams.seed_for("init"))
         model = task.build_model()
@@ -852,7 +852,8 @@ def step_profile(cell: Cell, threads: int = 1) -> dict[str, float]:
     bs = tr["batch_size"]
 
     def step(i: int) -> None:
-        loss, _ = task.loss(model, task.batch(model, i, 0, bs, 0.5), i, 0)
+        mb = MicroBatch(step=i, index=0, count=1, size=bs, progress=0.5)
+        loss, _ = task.loss(model, task.batch(model, mb), mb)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -562,14 +562,12 @@ def _render_run(rdir: Path, out: Path) -> bool:
     """Rebuild a run's task and final model on the CPU and let the task draw its outputs to ``out``."""
     import torch
 
+    from bench.loop import build_task
     from bench.seeds import SeedBundle
-    from experiments.registry import get_task
 
     meta = store.read_json(rdir / store.CONFIG)
     cfg = meta["config"]
-    task = get_task(cfg["task"])(
-        cfg["params"], cfg["tricks"], SeedBundle(meta["seed"]), torch.device("cpu"), cfg["train"]
-    )
+    task, _ = build_task(cfg, SeedBundle(meta["seed"]), torch.device("cpu"))
     with torch.random.fork_rng(devices=[]):  # building consumes the global RNG; the weights are replaced anyway
         model = task.build_model()
     model.load_state_dict(torch.load(rdir / "final_model.pt", map_location="cpu", weights_only=True))

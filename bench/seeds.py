@@ -50,10 +50,14 @@ class SeedBundle:
     seed: int
 
     def seed_for(self, purpose: str, *index: int) -> int:
-        """Integer seed of stream ``purpose`` at ``index`` (e.g. step, micro-batch)."""
+        """Integer seed of stream ``purpose`` at ``index`` (e.g. step, micro-batch, a named sub-stream).
+
+        Index parts are integers; a task's named sub-streams are ``IntEnum`` members, which count
+        as their integer value (the stream of ``Augment.COND_NOISE`` = 1 is the stream of 1).
+        """
         if purpose not in STREAMS:
             raise ValueError(f"unknown random stream {purpose!r}; known: {', '.join(STREAMS)}")
-        return _derive("trickbench", self.seed, purpose, *index)
+        return _derive("trickbench", self.seed, purpose, *(int(i) for i in index))
 
     def seeds_for(self, purpose: str, start: int, stop: int) -> list[int]:
         """``[seed_for(purpose, i) for i in range(start, stop)]``: a per-step stream's seeds in one go.

@@ -27,9 +27,7 @@ from typing import Any
 
 import yaml
 
-from experiments.registry import TASK_NAMES, get_task
-from tricks.card import Param, ParamError, did_you_mean, validate_params
-from tricks.registry import REGISTRY
+from tricks.card import CheckContext, Param, ParamError, TrickCard, did_you_mean, validate_params
 
 __all__ = ["DESIGNS", "TRAIN_PARAMS", "GridSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
 
@@ -240,11 +238,11 @@ def parse_spec(data: Any, source: str = "spec") -> GridSpec:
     if not isinstance(raw_tasks, dict) or not raw_tasks:
         problems.append(
             f"tasks: {raw_tasks!r} is not allowed; allowed: a mapping from task name "
-            f"({', '.join(TASK_NAMES)}) to its block (params, train, tricks)"
+            f"({', '.join(_task_names())}) to its block (params, train, tricks)"
         )
     else:
         for name, block in raw_tasks.items():
-            spec = _parse_task(str(name), block, problems)
+            spec = _parse_task(str(name), block, problems, design if design in DESIGNS else "one_at_a_time")
             if spec is not None:
                 tasks.append(spec)
 
@@ -288,7 +286,15 @@ def _parse_seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
     return ()
 
 
-def _parse_task(label: str, block: Any, problems: list[str]) -> TaskSpec | None:
+def _task_names() -> tuple[str, ...]:
+    from experiments.registry import task_names
+
+    return task_names()
+
+
+def _parse_task(label: str, block: Any, problems: list[str], design: str = "one_at_a_time") -> TaskSpec | None:
+    from experiments.registry import get_task
+
     path = f"tasks.{label}"
     if not GRID_NAME.match(label):
         problems.append(
@@ -297,17 +303,16 @@ def _parse_task(label: str, block: Any, problems: list[str]) -> TaskSpec | None:
         return None
     name = block.get("task", label) if isinstance(block, dict) else label
     if not isinstance(name, str):
-        problems.append(f"{path}.task: {name!r} is not allowed; allowed: one of {', '.join(TASK_NAMES)}")
+        problems.append(f"{path}.task: {name!r} is not allowed; allowed: one of {', '.join(_task_names())}")
         return None
     if name != label:
         path = f"{path}.task"
     try:
         task_cls = get_task(name)
     except KeyError:
-        hint = did_you_mean(name, TASK_NAMES)
-        problems.append(
-            f"{path}: unknown task {name!r}; allowed: {', '.join(TASK_NAMES)}" + (f" ({hint})" if hint else "")
-        )
+        known = _task_names()
+        hint = did_you_mean(name, known)
+        problems.append(f"{path}: unknown task {name!r}; allowed: {', '.join(known)}" + (f" ({hint})" if hint else ""))
         return None
     block = {} if block is None else block
     if not isinstance(block, dict):
@@ -328,15 +333,10 @@ def _parse_task(label: str, block: Any, problems: list[str]) -> TaskSpec | None:
         for name_, p in TRAIN_MAP.items()
     }
     train = _validate(train_params, block.get("train"), f"{path}.train", problems)
-    tricks = _parse_tricks(task_cls, block.get("tricks"), f"{path}.tricks", problems)
     if len(problems) > n_before:
         return None
-    k = tricks.get("accumulation", {}).get("micro_batches")
-    if k and train["batch_size"] % k:
-        problems.append(
-            f"{path}.tricks.accumulation.micro_batches: {k} does not divide train.batch_size "
-            f"{train['batch_size']}; allowed: a divisor of the batch size"
-        )
+    tricks = _parse_tricks(task_cls, block.get("tricks"), f"{path}.tricks", problems, params, train, design)
+    if len(problems) > n_before:
         return None
     extra = task_cls.check(params, tricks, train)
     if extra:
@@ -357,44 +357,108 @@ def _validate(params: dict[str, Param], given: Any, path: str, problems: list[st
         return {}
 
 
-def _parse_tricks(task_cls: Any, raw: Any, path: str, problems: list[str]) -> dict[str, dict[str, Any]]:
+def count_evaluations(train: dict[str, Any], samples_per_step: int) -> int:
+    """How many evaluations a run of this ``train`` block has (the loop's rule: every step that crosses a
+    multiple of ``eval_every_samples``, and the last step)."""
+    steps = max(1, -(-train["budget_samples"] // samples_per_step))
+    every = train["eval_every_samples"]
+    crossing = min(steps, steps * samples_per_step // every)  # at most one evaluation per step
+    last_crosses = steps * samples_per_step // every > (steps - 1) * samples_per_step // every
+    return crossing + (0 if last_crosses else 1)
+
+
+def applicable_tricks(task_cls: Any) -> dict[str, TrickCard]:
+    """The registered tricks that apply to ``task_cls`` (see ``Task.accepts``), by name."""
+    from tricks.registry import cards
+
+    return {name: card for name, card in cards().items() if task_cls.accepts(card)}
+
+
+def resolve_trick(
+    task_cls: Any,
+    card: TrickCard,
+    given: dict[str, Any] | None,
+    path: str,
+    params: dict[str, Any],
+    train: dict[str, Any],
+) -> tuple[dict[str, Any], list[str]]:
+    """A trick's settings on a task: the task's defaults, then ``given``, validated against the card.
+
+    Returns (resolved settings, problems). Parameters the task cannot honour are left out (an error
+    when given); the card's cross-field check runs on the result.
+    """
+    merged = {**task_cls.trick_defaults.get(card.name, {}), **(given or {})}
+    try:
+        resolved = card.resolve(merged, path, task_cls.capabilities)
+    except ParamError as exc:
+        return {}, [str(exc)]
+    sps = task_cls.step_samples(params, train)
+    context = CheckContext(task_cls.name, task_cls.capabilities, train, params, sps, count_evaluations(train, sps))
+    problems = []
+    for msg in card.problems(resolved, context):
+        head = msg.split(":", 1)[0]
+        problems.append(f"{path}.{msg}" if head in card.param_map else f"{path}: {msg}")
+    return resolved, problems
+
+
+def _parse_tricks(
+    task_cls: Any,
+    raw: Any,
+    path: str,
+    problems: list[str],
+    params: dict[str, Any],
+    train: dict[str, Any],
+    design: str,
+) -> dict[str, dict[str, Any]]:
+    from tricks.binding import arm_conflicts
+    from tricks.registry import cards
+
     if raw is None:
         return {}
+    allowed_forms = "a list of trick names or a mapping trick -> parameters"
     if isinstance(raw, list):
         if not all(isinstance(x, str) for x in raw):
-            problems.append(
-                f"{path}: {raw!r} is not allowed; allowed: a list of trick names or a mapping trick -> parameters"
-            )
+            problems.append(f"{path}: {raw!r} is not allowed; allowed: {allowed_forms}")
+            return {}
+        repeated = sorted({x for x in raw if raw.count(x) > 1})
+        if repeated:
+            problems.append(f"{path}: {', '.join(repeated)} listed more than once; allowed: each trick once")
             return {}
         raw = dict.fromkeys(raw)
     if not isinstance(raw, dict):
-        problems.append(
-            f"{path}: {raw!r} is not allowed; allowed: a list of trick names or a mapping trick -> parameters"
-        )
+        problems.append(f"{path}: {raw!r} is not allowed; allowed: {allowed_forms}")
         return {}
+    registry = cards()
+    applicable = applicable_tricks(task_cls)
     out: dict[str, dict[str, Any]] = {}
     for trick, given in raw.items():
         trick = str(trick)
-        if trick not in REGISTRY:
-            hint = did_you_mean(trick, list(REGISTRY))
+        if trick not in registry:
+            hint = did_you_mean(trick, list(registry))
             problems.append(
-                f"{path}.{trick}: unknown trick; allowed: {', '.join(sorted(REGISTRY))}"
+                f"{path}.{trick}: unknown trick; allowed: {', '.join(sorted(registry))}"
                 + (f" ({hint})" if hint else "")
             )
             continue
-        if trick not in task_cls.tricks:
+        if trick not in applicable:
             problems.append(
                 f"{path}.{trick}: trick {trick!r} does not apply to task {task_cls.name!r}; "
-                f"tricks that apply: {', '.join(task_cls.tricks)}"
+                f"tricks that apply: {', '.join(applicable)}"
             )
             continue
-        merged = (
-            {**task_cls.trick_defaults.get(trick, {}), **(given or {})}
-            if isinstance(given, dict) or given is None
-            else given
-        )
-        try:
-            out[trick] = REGISTRY[trick].resolve(merged, f"{path}.{trick}")
-        except ParamError as exc:
-            problems.append(str(exc))
+        if given is not None and not isinstance(given, dict):
+            problems.append(f"{path}.{trick}: {given!r} is not allowed; allowed: a mapping of parameters, or empty")
+            continue
+        resolved, trick_problems = resolve_trick(task_cls, registry[trick], given, f"{path}.{trick}", params, train)
+        problems.extend(trick_problems)
+        if not trick_problems:
+            out[trick] = resolved
+    if design != "one_at_a_time" and len(out) > 1:
+        # leave_one_out trains all tricks in one arm; a two-level factorial (full, or fractional of
+        # resolution ≥ III) has every pair of tricks on together in some arm
+        for conflict in arm_conflicts(registry[t] for t in out):
+            problems.append(
+                f"{path}: design {design!r} would train them in one arm: {conflict}; allowed: design one_at_a_time, "
+                "or only one of them in this task block (another block of the same task can hold the other)"
+            )
     return out

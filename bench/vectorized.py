@@ -43,12 +43,13 @@ from torch.utils import _pytree as pytree
 
 from bench import store
 from bench.grid import Cell
-from bench.loop import _build_optimizer, _crossed, _lr_factor, _seed_global_rng
+from bench.loop import _build_optimizer, _crossed, _lr_factor, _seed_global_rng, build_task
 from bench.seeds import SeedBundle
 from bench.stability import stability_metrics
-from experiments.base import Task
+from experiments.base import MicroBatch, Task
 from experiments.registry import get_task
 from tricks import accumulation, ema
+from tricks.card import BuildContext
 
 __all__ = ["SUPPORTED_TASKS", "SUPPORTED_TRICKS", "check_vectorizable", "train_vectorized"]
 
@@ -135,7 +136,7 @@ class _StackedEMA:
 
     def __init__(self, cfg: dict[str, Any], params: dict[str, Tensor], buffers: dict[str, Tensor], sps: int) -> None:
         self.decay = ema.decay_from_half_life(cfg["half_life_samples"], sps)
-        self.warmup, self.policy = cfg["warmup"], cfg["buffers"]
+        self.warmup, self.policy = cfg["warmup"], cfg.get("buffers", "copy")
         self.params = {k: v.detach().clone() for k, v in params.items()}
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self.num_updates = 0
@@ -188,7 +189,7 @@ def train_vectorized(cells: Sequence[Cell], *, device: str = "cpu", threads: int
     if task_cls.after_optimizer_step is not Task.after_optimizer_step:
         raise ValueError(f"task: {cfg['task']!r} has an after_optimizer_step hook; it cannot be seed-vectorized")
     streams = [SeedBundle(c.seed) for c in cells]
-    tasks: list[Task] = [task_cls(cfg["params"], tricks, s, dev, train_cfg) for s in streams]
+    tasks: list[Task] = [build_task(cfg, s, dev)[0] for s in streams]
     models: list[nn.Module] = []
     for task, s in zip(tasks, streams):  # exactly as the loop builds a run's model
         with torch.random.fork_rng(devices=[]):
@@ -198,7 +199,10 @@ def train_vectorized(cells: Sequence[Cell], *, device: str = "cpu", threads: int
         raise ValueError("model: BatchNorm layers are not allowed when seed-vectorized (their statistics are state)")
     params, buffers = stack_module_state(models)  # leaves with a leading seed dimension
     base = copy.deepcopy(models[0]).to("meta")
-    optimizer = _build_optimizer(models[0], train_cfg, "no_weight_decay" in tricks)
+    grouping = tasks[0].trickset.build_role(
+        "optimizer_groups", BuildContext(task_cls.name, task_cls.capabilities, True)
+    )
+    optimizer = _build_optimizer(models[0], train_cfg, grouping)
     # the optimizer was built over seed 0's parameters; swap in the stacked ones by name (no state exists yet)
     name_of = {id(p): n for n, p in models[0].named_parameters()}
     for group in optimizer.param_groups:
@@ -219,8 +223,8 @@ def train_vectorized(cells: Sequence[Cell], *, device: str = "cpu", threads: int
     final_models: list[dict[str, Tensor]] = [{} for _ in cells]
     train_s = eval_s = 0.0
 
-    def seed_loss(p: dict[str, Tensor], b: dict[str, Tensor], batch: Any, step: int, micro: int) -> Tensor:
-        return tasks[0].loss(_Stacked(base, p, b), batch, step, micro)[0]
+    def seed_loss(p: dict[str, Tensor], b: dict[str, Tensor], batch: Any, mb: MicroBatch) -> Tensor:
+        return tasks[0].loss(_Stacked(base, p, b), batch, mb)[0]
 
     def evaluate(step: int, final: bool) -> None:
         """Each live seed's evaluation, as the loop's: the EMA weights if on (+ the raw ones at the end)."""
@@ -252,14 +256,14 @@ def train_vectorized(cells: Sequence[Cell], *, device: str = "cpu", threads: int
         per_seed = []
         for task, s in zip(tasks, streams):  # each seed draws its own batches, as in its own run
             _seed_global_rng(s.seed_for("global", step), dev)
-            per_seed.append([task.batch(None, step, m, size, progress) for m, size in enumerate(micro_sizes)])
+            mbs = [MicroBatch(step, m, k, size, progress) for m, size in enumerate(micro_sizes)]
+            per_seed.append([task.batch(None, mb) for mb in mbs])
         loss_sum = torch.zeros(n_seeds, device=dev)
         for micro in range(len(micro_sizes)):
             batch = _stack_batches([b[micro] for b in per_seed])
             batch_dims = pytree.tree_map(lambda t: None if t is None else 0, batch)
-            losses = vmap(seed_loss, in_dims=(0, 0, batch_dims, None, None), randomness="error")(
-                params, buffers, batch, step, micro
-            )
+            mb = MicroBatch(step, micro, k, micro_sizes[micro], progress)
+            losses = vmap(seed_loss, in_dims=(0, 0, batch_dims, None), randomness="error")(params, buffers, batch, mb)
             # the seeds are independent: d(sum)/d(loss_i) = 1, so each seed gets exactly its own gradient
             (losses / k if k > 1 else losses).sum().backward()
             loss_sum += losses.detach()

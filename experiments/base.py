@@ -1,29 +1,54 @@
-"""The contract between a reference task and the training loop in ``bench/``.
+"""The contract between a task and the training loop in ``bench/``.
 
 A task supplies the model, the batches, the loss and the evaluation, and applies its own
-data- and loss-level tricks (replay, patches, augmentation, conditioning noise/dropout,
-Fourier encodings, feature matching, stratified sampling) inside ``batch``/``loss`` at
-visible points. Optimizer- and weight-level tricks (EMA, averaging, accumulation, precise
-BN, zero weight decay) belong to the loop and never appear in task code.
+data- and loss-level tricks (role ``task``: replay, patches, augmentation, conditioning
+noise/dropout, Fourier encodings, feature matching, stratified sampling) inside
+``batch``/``loss``/``evaluate`` at visible points, through the objects of its trick set
+(``self.trickset.get("replay_buffer")``). The loop applies the tricks of its own roles (optimizer
+groups, micro-batches, evaluated weights, BN statistics); they never appear in task code.
+
+Which tricks apply to a task: the task-role tricks it lists in ``Task.tricks`` (it wires them),
+and every loop-role trick whose role is in ``Task.loop_roles`` (see :meth:`Task.accepts`).
+``Task.capabilities`` (e.g. ``"batchnorm"``) decide which trick parameters act on it.
 
 Randomness: a task draws only from the ``streams`` it is given (see ``bench/seeds.py``):
 ``streams.generator(purpose, *index)`` returns a fresh ``torch.Generator`` for that
-named stream, so e.g. ``streams.generator("data", step, micro)`` is the same in every
-arm of a seed and after a resume.
+named stream, so e.g. ``streams.generator("data", mb.step, mb.index)`` is the same in every
+arm of a seed and after a resume. Sub-streams of one purpose are named constants (an
+``IntEnum`` of the task), not bare integers.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from tricks.card import Param
+from tricks.card import Param, TrickCard
+
+if TYPE_CHECKING:
+    from tricks.binding import TrickSet
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Where a ``batch``/``loss`` call sits in training; built by the loop for every micro-batch.
+
+    ``count`` is the number of micro-batches of this optimizer step (accumulation's k, else 1):
+    tricks that act over a whole step (e.g. stratified draws across micro-batches) need it.
+    """
+
+    step: int  # optimizer step, 0-based
+    index: int  # micro-batch within the step, 0-based
+    count: int  # micro-batches in this step
+    size: int  # samples (rows) in this micro-batch
+    progress: float  # fraction of the sample budget done at the start of the step, in [0, 1)
 
 
 class RandomStreams(Protocol):
@@ -50,8 +75,12 @@ class Task(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    #: tricks that apply to this task (the single source of truth for validation and `bench list`)
-    tricks: ClassVar[tuple[str, ...]]
+    #: task-role tricks this task wires into its own batch/loss/evaluate code (by name)
+    tricks: ClassVar[tuple[str, ...]] = ()
+    #: loop roles this task accepts: every trick of such a role applies (see tricks.card.ROLES)
+    loop_roles: ClassVar[tuple[str, ...]] = ("optimizer_groups", "micro_batches", "evaluated_weights")
+    #: what the task's model and data offer to trick parameters (``Param.needs``), e.g. "batchnorm"
+    capabilities: ClassVar[frozenset[str]] = frozenset()
     #: task parameters, validated from the grid spec's ``params`` block
     params: ClassVar[tuple[Param, ...]]
     #: the primary accuracy metric (a key returned by ``evaluate``) and its direction
@@ -73,6 +102,26 @@ class Task(ABC):
     tiny: ClassVar[dict[str, dict[str, Any]] | None] = None
 
     @classmethod
+    def accepts(cls, card: TrickCard) -> bool:
+        """Whether the trick of ``card`` applies to this task (the one rule validation and ``bench list`` use).
+
+        A task-role trick applies where the task lists it (or the card names the task in
+        ``applies_to``); a loop-role trick wherever the task accepts its role, unless the card
+        restricts itself to other tasks.
+        """
+        if card.role == "task":
+            return card.name in cls.tricks or cls.name in card.applies_to
+        return card.role in cls.loop_roles and (not card.applies_to or cls.name in card.applies_to)
+
+    @classmethod
+    def step_samples(cls, params: dict[str, Any], train: dict[str, Any]) -> int:
+        """Budget samples one optimizer step consumes (default: the batch size); for validation.
+
+        Must agree with what :meth:`samples_per_micro_batch` adds up to over a step's micro-batches.
+        """
+        return int(train["batch_size"])
+
+    @classmethod
     def check(cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:
         """Cross-field problems of a resolved task block (called by spec validation), as messages."""
         return []
@@ -80,13 +129,13 @@ class Task(ABC):
     def __init__(
         self,
         params: dict[str, Any],
-        tricks: dict[str, dict[str, Any]],
+        tricks: TrickSet,
         streams: RandomStreams,
         device: torch.device,
         train: dict[str, Any],
     ) -> None:
         self.p = params
-        self.tricks_on = tricks
+        self.trickset = tricks  # the run's tricks that are on: task-role objects via .get(name)
         self.streams = streams
         self.device = device
         self.train_cfg = train  # the resolved ``train`` block (budget_samples, batch_size, ...)
@@ -102,12 +151,12 @@ class Task(ABC):
         return micro_batch_size
 
     @abstractmethod
-    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
-        """The ``micro``-th micro-batch of optimizer step ``step``; ``progress`` ∈ [0, 1) of the budget."""
+    def batch(self, model: nn.Module, mb: MicroBatch) -> Any:
+        """The micro-batch ``mb`` (``mb.size`` samples of step ``mb.step``)."""
 
     @abstractmethod
-    def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar training loss (not yet divided for accumulation) and extra per-step stats."""
+    def loss(self, model: nn.Module, batch: Any, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar training loss of ``batch`` (not yet divided for accumulation) and extra per-step stats."""
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 - optional hook
         """Called once after every optimizer step (e.g. a DQN target-network update)."""

@@ -11,31 +11,78 @@ Where each data/loss-level trick acts (search for "TRICK:"):
 - patchwise: ``batch`` crops patches on a schedule; evaluation is always on full images.
 - nonleaky_augmentation: ``batch`` augments input+target; labels feed the decoder; zero at eval.
 - cond_noise: ``batch`` adds noise to the low-res hint; its std feeds the decoder.
-- replay_buffer: ``batch`` draws from a buffer fed by the (class-sorted) stream.
+- replay_buffer: ``batch`` draws from a buffer fed by the (class-sorted) stream of image indices,
+  uniformly or by priority; prioritized replay (Schaul et al. 2016) ranks images by their last
+  reconstruction error, weights the reconstruction loss by the importance weights and anneals
+  β to 1 over the budget (as the RL task does).
 - feature_matching: ``loss`` adds the consumer-feature term.
-Loop-level tricks (EMA, averaging, accumulation, precise BN, zero weight decay) act in bench/loop.py.
+Loop-role tricks (EMA, averaging, accumulation, precise BN, zero weight decay) act in bench/loop.py.
+
+Random sub-streams of one purpose are named by the ``IntEnum`` classes below.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.base import Task
+from experiments.base import MicroBatch, Task
+from experiments.consumer import CONV_LAYERS
 from experiments.data.shapes import make_shapes
-from tricks import cond_noise, feature_matching, nonleaky_aug, patchwise, replay
+from tricks import patchwise
 from tricks.card import Param
 
 __all__ = ["TASK", "CifarAutoencoder", "ConvAE"]
 
 HINT_POOL = 4  # the hint is the input average-pooled by this factor
 IMAGE_SIZE = 32
+
+
+class Augment(IntEnum):
+    """Sub-streams of the ``augment`` purpose (per step and micro-batch)."""
+
+    PATCHES = 0  # patchwise crop offsets
+    NONLEAKY = 1  # nonleaky_augmentation's transform draws
+    COND_NOISE = 2  # cond_noise's noise on the hint
+
+
+class Data(IntEnum):
+    """Sub-streams of the ``data`` purpose (the epoch orders use the bare stream, per epoch)."""
+
+    REPLAY = 1  # replay sampling (per step and micro-batch)
+
+
+class Eval(IntEnum):
+    """Sub-streams of the ``eval`` purpose (identical in every arm of a seed)."""
+
+    INFERENCE_COND_NOISE = 0  # cond_noise's fixed inference noise
+    HINT_PROBE = 1  # the hint-sensitivity probe (per test chunk)
+    BN_BATCHES = 2  # the order of BatchNorm recalibration batches (per pass)
+
+
+class Replayed(NamedTuple):
+    """Prioritized replay's bookkeeping for one micro-batch: storage positions and importance weights
+    of its images, and how many training rows (patches) each image became."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    crops: int
+
+
+class AEBatch(NamedTuple):
+    """One training micro-batch: images (or patches), the low-resolution hint, the extra conditioning."""
+
+    x: torch.Tensor
+    hint: torch.Tensor | None
+    cond: torch.Tensor | None
+    replayed: Replayed | None  # set only with prioritized replay
 
 
 class ConvAE(nn.Module):
@@ -81,20 +128,10 @@ class ConvAE(nn.Module):
 class CifarAutoencoder(Task):
     name = "cifar_autoencoder"
     summary = "conv autoencoder with BatchNorm on 32×32 images (CIFAR-10 or offline shapes); test MSE/PSNR"
-    tricks = (
-        "ema",
-        "checkpoint_averaging",
-        "periodic_averaging",
-        "posthoc_ema",
-        "accumulation",
-        "precise_bn",
-        "no_weight_decay",
-        "patchwise",
-        "nonleaky_augmentation",
-        "cond_noise",
-        "feature_matching",
-        "replay_buffer",
-    )
+    # task-role tricks wired below ("TRICK:"); every loop role applies (the model has BatchNorm)
+    tricks = ("patchwise", "nonleaky_augmentation", "cond_noise", "feature_matching", "replay_buffer")
+    loop_roles = ("optimizer_groups", "micro_batches", "evaluated_weights", "bn_statistics")
+    capabilities = frozenset({"batchnorm"})
     params = (
         Param(
             "data",
@@ -139,7 +176,14 @@ class CifarAutoencoder(Task):
     }
     tiny = {
         "params": {"data": "offline", "train_size": 128, "test_size": 64, "width": 4},
-        "train": {"budget_samples": 192, "batch_size": 32, "eval_every_samples": 64, "checkpoint_every_samples": 96},
+        # a high lr: a metric that goes up and down, so "best" and "last" checkpoints differ (registry tests)
+        "train": {
+            "budget_samples": 192,
+            "batch_size": 32,
+            "lr": 0.05,
+            "eval_every_samples": 32,
+            "checkpoint_every_samples": 96,
+        },
     }
     trick_defaults = {
         "ema": {"half_life_samples": 1024},
@@ -161,6 +205,11 @@ class CifarAutoencoder(Task):
                     f"tricks.patchwise.min_patch: {m} is not allowed; allowed: a multiple of {HINT_POOL} "
                     f"below {IMAGE_SIZE}"
                 )
+        if "feature_matching" in tricks and tricks["feature_matching"]["n_layers"] > CONV_LAYERS:
+            problems.append(
+                f"tricks.feature_matching.n_layers: {tricks['feature_matching']['n_layers']} is not allowed; allowed: "
+                f"1 to {CONV_LAYERS} (the consumer's convolutional layers, whose features have spatial axes)"
+            )
         return problems
 
     def __init__(self, params, tricks, streams, device, train) -> None:
@@ -181,26 +230,21 @@ class CifarAutoencoder(Task):
         self.y_train_cpu = y_train.cpu()  # the epoch orders are built on the CPU (see _stream_indices)
         self.x_test = (x_test.float() / 255).to(device)
         self._epoch_orders: dict[int, torch.Tensor] = {}
-        self.aug = tricks.get("nonleaky_augmentation")
-        self.noise = tricks.get("cond_noise")
-        self.cond_dim = (nonleaky_aug.label_dim(nonleaky_aug.IMAGE_OPS, "image") if self.aug else 0) + (
-            1 if self.noise and self.noise["return_std"] else 0
-        )
-        self.buffer = replay.ReplayBuffer(tricks["replay_buffer"]["capacity"]) if "replay_buffer" in tricks else None
+        # the task-role tricks that are on (None when off), built from their validated settings
+        aug = tricks.get("nonleaky_augmentation")
+        self.aug = aug(kind="image") if aug is not None else None
+        self.cond_noise = tricks.get("cond_noise")
+        std_inputs = 1 if self.cond_noise is not None and self.cond_noise.return_std else 0
+        self.cond_dim = (self.aug.label_dim if self.aug is not None else 0) + std_inputs
+        self.buffer = tricks.get("replay_buffer")
         self.fm = None
-        if "feature_matching" in tricks:
+        fm = tricks.get("feature_matching")
+        if fm is not None:
             from experiments.consumer import get_consumer
 
-            f = tricks["feature_matching"]
-            consumer = get_consumer(x_train, y_train).to(device)
-            dims = (0, 2, 3) if f["reduce"] == "batch_spatial" else (2, 3)
-            self.fm = feature_matching.FeatureMatchingLoss(
-                consumer, f["n_layers"], reduce_dims=dims, weight=f["weight"]
-            )
-        if "patchwise" in tricks:
-            q = tricks["patchwise"]
-            sizes = [s for s in (q["min_patch"] * 2**i for i in range(6)) if s < IMAGE_SIZE]
-            self.patch_schedule = patchwise.PatchSchedule(sizes, IMAGE_SIZE, q["full_fraction"])
+            self.fm = fm(get_consumer(x_train, y_train).to(device))
+        schedule = tricks.get("patchwise")
+        self.patch_schedule = schedule(IMAGE_SIZE) if schedule is not None else None
 
     def build_model(self) -> nn.Module:
         return ConvAE(self.p["width"], self.p["latent_channels"], self.p["lowres_hint"], self.cond_dim)
@@ -227,47 +271,54 @@ class CifarAutoencoder(Task):
             out[sel] = self._order(epoch)[pos[sel] % n]
         return out.to(self.device, non_blocking=True)
 
-    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
+    def batch(self, model: nn.Module, mb: MicroBatch) -> AEBatch:
+        step, micro, size = mb.step, mb.index, mb.size
         # position of this micro-batch in the stream: a pure function of (step, micro), so resumes replay nothing
-        start = step * self.train_cfg["batch_size"] + micro * micro_batch_size
-        idx = self._stream_indices(start, micro_batch_size)
-        if self.buffer is not None:  # TRICK: replay_buffer — push the stream, learn from a uniform sample
+        start = step * self.train_cfg["batch_size"] + micro * size
+        idx = self._stream_indices(start, size)
+        replayed = None
+        if self.buffer is not None:  # TRICK: replay_buffer — push the stream, learn from a (prioritized) sample
             self.buffer.extend({"item": idx})
-            idx = self.buffer.sample(micro_batch_size, generator=self.streams.generator("data", step, micro, 1))["item"]
+            g = self.streams.generator("data", step, micro, Data.REPLAY)
+            if self.buffer.prioritized:  # PER: anneal the importance-weight exponent to 1 over the budget
+                sample = self.buffer.sample(size, g, beta=self.buffer.beta + (1.0 - self.buffer.beta) * mb.progress)
+                replayed = Replayed(sample["index"], sample["weight"], 1)
+            else:
+                sample = self.buffer.sample(size, g)
+            idx = sample["item"]
         x = self.x_train[idx]
-        if "patchwise" in self.tricks_on:  # TRICK: patchwise — crops, more per image, full images at the end
-            size = self.patch_schedule.size_at(progress)
-            if size < IMAGE_SIZE:
-                x, _ = patchwise.patch_batch(x, size, generator=self.streams.generator("augment", step, micro, 0))
+        if self.patch_schedule is not None:  # TRICK: patchwise — crops, more per image, full images at the end
+            patch = self.patch_schedule.size_at(mb.progress)
+            if patch < IMAGE_SIZE:
+                g = self.streams.generator("augment", step, micro, Augment.PATCHES)
+                x, _ = patchwise.patch_batch(x, patch, generator=g)
+                if replayed is not None:
+                    replayed = replayed._replace(crops=patchwise.patches_per_image(IMAGE_SIZE, patch))
         cond_parts = []
         if self.aug is not None:  # TRICK: nonleaky_augmentation — augment input and target, labels as conditioning
-            x, labels = nonleaky_aug.augment_images(
-                x,
-                self.aug["p"],
-                generator=self.streams.generator("augment", step, micro, 1),
-                max_translate=self.aug["max_translate"],
-                max_log2_scale=self.aug["max_log2_scale"],
-            )
+            x, labels = self.aug(x, self.streams.generator("augment", step, micro, Augment.NONLEAKY))
             cond_parts.append(labels)
         hint = F.avg_pool2d(x, HINT_POOL) if self.p["lowres_hint"] else None
-        if self.noise is not None:  # TRICK: cond_noise — noise the low-res hint, pass its std
-            hint, std = cond_noise.noise_augment(
-                hint,
-                self.noise["std"],
-                random_std=self.noise["random_std"],
-                generator=self.streams.generator("augment", step, micro, 2),
+        if self.cond_noise is not None:  # TRICK: cond_noise — noise the low-res hint, pass its std
+            hint, std = self.cond_noise.augment(
+                hint, self.streams.generator("augment", step, micro, Augment.COND_NOISE)
             )
-            if self.noise["return_std"]:
-                cond_parts.append(std[:, None])
+            if std is not None:
+                cond_parts.append(std)
         cond = torch.cat(cond_parts, dim=1) if cond_parts else None
-        return x, hint, cond
+        return AEBatch(x, hint, cond, replayed)
 
-    def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x, hint, cond = batch
-        pred = model(x, hint, cond)
-        loss = F.mse_loss(pred, x)
+    def loss(self, model: nn.Module, batch: AEBatch, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        pred = model(batch.x, batch.hint, batch.cond)
+        if batch.replayed is None:
+            loss = F.mse_loss(pred, batch.x)
+        else:  # TRICK: replay_buffer (prioritized) — importance-weighted loss, per-image error as the new priorities
+            r = batch.replayed
+            per_image = (pred - batch.x).pow(2).flatten(1).mean(1).view(-1, r.crops).mean(1)
+            self.buffer.update_priorities(r.index, per_image.detach())
+            loss = (r.weight * per_image).mean()
         if self.fm is not None:  # TRICK: feature_matching — beside the reconstruction loss
-            loss = loss + self.fm(pred, x)
+            loss = loss + self.fm(pred, batch.x)
         return loss, {}
 
     # --- evaluation -------------------------------------------------------------------------
@@ -276,13 +327,11 @@ class CifarAutoencoder(Task):
         hint = F.avg_pool2d(x, HINT_POOL) if self.p["lowres_hint"] else None
         parts = []
         if self.aug is not None:
-            parts.append(x.new_zeros(len(x), self.cond_dim - (1 if self.noise and self.noise["return_std"] else 0)))
-        if self.noise is not None:
-            s = self.noise["inference_std"]
-            if s > 0:
-                hint = hint + s * torch.randn(hint.shape, generator=self.streams.generator("eval", 0)).to(hint)
-            if self.noise["return_std"]:
-                parts.append(x.new_full((len(x), 1), s))
+            parts.append(self.aug.zero_labels(len(x), dtype=x.dtype, device=x.device))
+        if self.cond_noise is not None:
+            hint, std = self.cond_noise.at_inference(hint, self.streams.generator("eval", Eval.INFERENCE_COND_NOISE))
+            if std is not None:
+                parts.append(std)
         return hint, torch.cat(parts, dim=1) if parts else None
 
     def reconstruct(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -299,7 +348,9 @@ class CifarAutoencoder(Task):
             if final and self.p["lowres_hint"]:
                 # the conditioning-noise claim, measured: output change under a small hint perturbation
                 hint, cond = self._eval_cond(x)
-                eps = 0.02 * torch.randn(hint.shape, generator=self.streams.generator("eval", 1, i)).to(hint)
+                eps = 0.02 * torch.randn(hint.shape, generator=self.streams.generator("eval", Eval.HINT_PROBE, i)).to(
+                    hint
+                )
                 hint_sens += (model(x, hint + eps, cond) - pred).abs().double().sum().cpu()
         n = self.x_test.numel()
         mse = float(se / n)
@@ -315,7 +366,7 @@ class CifarAutoencoder(Task):
     def bn_batches(self) -> Iterator[Any]:
         """Training images in batches of 64, pass after pass (each pass a new fixed permutation)."""
         for epoch in itertools.count():
-            order = torch.randperm(len(self.x_train), generator=self.streams.generator("eval", 2, epoch))
+            order = torch.randperm(len(self.x_train), generator=self.streams.generator("eval", Eval.BN_BATCHES, epoch))
             for i in range(0, len(order) - 63, 64):
                 yield self.x_train[order[i : i + 64].to(self.device)]
 

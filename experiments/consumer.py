@@ -27,6 +27,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRICKBENCH_CACHE", Path.home() / ".cache" / "trickbench"))
 
 
+#: leading layers of the consumer whose outputs are feature maps (N, C, H, W): what feature matching may read
+CONV_LAYERS = 6
+
+
 def build_consumer(num_classes: int = 10) -> nn.Sequential:
     """conv-relu-pool ×2 → linear; the first layers are what feature matching reads."""
     return nn.Sequential(

@@ -58,6 +58,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +70,8 @@ import torch.nn.functional as F
 from gymnasium.wrappers import TimeLimit
 from torch import nn
 
-from experiments.base import Task
-from tricks import ema, replay, stratified
+from experiments.base import MicroBatch, Task
+from tricks import ema, stratified
 from tricks.card import Param
 from tricks.fourier import FourierFeatures
 
@@ -87,10 +89,25 @@ ENVS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "MountainCar-v0": ((-0.3, 0.0), (0.9, 0.07)),
 }
 
-# sub-streams of the "env" purpose
-_RESET, _EXPLORE = 0, 1
-# sub-streams of the "eval" purpose
-_EVAL_EPISODES, _RANDOM_POLICY = 0, 1
+
+class Env(IntEnum):
+    """Sub-streams of the ``env`` purpose."""
+
+    RESET = 0  # training episode resets (per episode)
+    EXPLORE = 1  # exploration numbers (per block of environment steps)
+
+
+class Eval(IntEnum):
+    """Sub-streams of the ``eval`` purpose (identical in every arm of a seed)."""
+
+    EPISODES = 0  # evaluation episode resets (per episode)
+    RANDOM_POLICY = 1  # the random-policy reference's actions (per episode)
+
+
+class Init(IntEnum):
+    """Sub-streams of the ``init`` purpose."""
+
+    FOURIER = 1  # the Fourier encoder's random frequencies
 
 
 class QNetwork(nn.Module):
@@ -107,7 +124,7 @@ class QNetwork(nn.Module):
         obs_scale: tuple[float, ...],
         num_actions: int,
         hidden: int = 64,
-        fourier: dict[str, Any] | None = None,
+        fourier: Callable[..., FourierFeatures] | None = None,
         fourier_generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -120,10 +137,8 @@ class QNetwork(nn.Module):
         self.encoder: FourierFeatures | None = None
         in_dim = obs_dim
         if fourier is not None:  # TRICK: fourier_features — sin/cos features of the normalised observation
-            self.encoder = FourierFeatures(
-                obs_dim, fourier["num_features"], fourier["kind"], fourier["scale"], generator=fourier_generator
-            )
-            in_dim = fourier["num_features"]
+            self.encoder = fourier(obs_dim, generator=fourier_generator)
+            in_dim = self.encoder.out_features
         self.input = nn.Linear(in_dim, hidden)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -147,17 +162,8 @@ def _time_limit(env: gym.Env) -> TimeLimit:
 class RLPolicy(Task):
     name = "rl_policy"
     summary = "DQN (MLP Q-network, target network, ε-greedy) on gymnasium CartPole-v1 / Acrobot / MountainCar"
-    tricks = (
-        "ema",
-        "checkpoint_averaging",
-        "periodic_averaging",
-        "posthoc_ema",
-        "accumulation",
-        "no_weight_decay",
-        "replay_buffer",
-        "fourier_features",
-        "stratified_sampling",
-    )
+    # task-role tricks wired below ("TRICK:"); loop roles: the default (no BatchNorm)
+    tricks = ("replay_buffer", "fourier_features", "stratified_sampling")
     params = (
         Param(
             "env",
@@ -248,8 +254,13 @@ class RLPolicy(Task):
     tiny = {
         "params": {"hidden": 16, "eval_episodes": 2, "eval_episodes_intermediate": 1, "eval_max_steps": 50,
                    "target_update_every_samples": 32},
-        "train": {"budget_samples": 256, "batch_size": 32, "eval_every_samples": 128, "checkpoint_every_samples": 96},
+        "train": {"budget_samples": 256, "batch_size": 32, "eval_every_samples": 64, "checkpoint_every_samples": 96},
     }  # fmt: skip
+
+    @classmethod
+    def step_samples(cls, params: dict[str, Any], train: dict[str, Any]) -> int:
+        """Transitions per optimizer step: ``env_steps_per_update``, whatever the batch size."""
+        return int(params["env_steps_per_update"])
 
     @classmethod
     def check(cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:
@@ -290,14 +301,10 @@ class RLPolicy(Task):
         self.obs_center, self.obs_scale = ENVS[p["env"]]
         self.batch_size = train["batch_size"]
         self.eps_decay_samples = max(1.0, p["eps_decay_fraction"] * train["budget_samples"])
-        self.stratified = "stratified_sampling" in tricks
-        self.replay_cfg = tricks.get("replay_buffer")
-        self.buffer = None
-        if self.replay_cfg is not None:
-            q = self.replay_cfg
-            self.buffer = replay.ReplayBuffer(
-                q["capacity"], prioritized=q["prioritized"], alpha=q["alpha"], beta=q["beta"]
-            )
+        # the task-role tricks that are on (None when off), built from their validated settings
+        self.stratifier = tricks.get("stratified_sampling")
+        self.buffer = tricks.get("replay_buffer")
+        self.fourier = tricks.get("fourier_features")
         # replay off: the latest transitions as rows, oldest first (at most one full batch is ever needed)
         self.recent = torch.zeros(0, 2 * len(self.obs_center) + 3)
         self.target: nn.Module | None = None
@@ -309,18 +316,17 @@ class RLPolicy(Task):
         self.episode_return = 0.0
         self.train_returns: list[float] = []
         self.train_return_steps: list[int] = []  # env steps at each training episode's end
-        self.obs, _ = self.env.reset(seed=self.streams.seed_for("env", _RESET, 0))
+        self.obs, _ = self.env.reset(seed=self.streams.seed_for("env", Env.RESET, 0))
 
     # --- model ------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        fourier = self.tricks_on.get("fourier_features")
         model = QNetwork(
             self.obs_center,
             self.obs_scale,
             self.num_actions,
             self.p["hidden"],
-            fourier,
-            fourier_generator=self.streams.generator("init", 1) if fourier is not None else None,
+            self.fourier,
+            fourier_generator=self.streams.generator("init", Init.FOURIER) if self.fourier is not None else None,
         )
         self.target = copy.deepcopy(model).to(self.device).requires_grad_(False)
         return model
@@ -359,9 +365,12 @@ class RLPolicy(Task):
         """
         block, offset = divmod(env_step, self.p["exploration_block_steps"])
         if block != self._u_block:
-            draw = stratified.stratified_uniform if self.stratified else stratified.iid_uniform
-            gen = self.streams.generator("env", _EXPLORE, block)
-            u = draw(self.p["exploration_block_steps"], generator=gen, dtype=torch.float64)
+            gen = self.streams.generator("env", Env.EXPLORE, block)
+            n = self.p["exploration_block_steps"]
+            if self.stratifier is not None:  # TRICK: stratified_sampling — one number per stratum of the block
+                u = self.stratifier.uniform(n, generator=gen, dtype=torch.float64)
+            else:
+                u = stratified.iid_uniform(n, generator=gen, dtype=torch.float64)
             self._u_block, self._u_values = block, u.tolist()
         return self._u_values[offset]
 
@@ -396,7 +405,7 @@ class RLPolicy(Task):
                     self.train_return_steps.append(self.env_steps)
                     self.episode += 1
                     self.episode_return = 0.0
-                    next_obs, _ = self.env.reset(seed=self.streams.seed_for("env", _RESET, self.episode))
+                    next_obs, _ = self.env.reset(seed=self.streams.seed_for("env", Env.RESET, self.episode))
                 self.obs = next_obs
         return torch.from_numpy(rows)
 
@@ -412,21 +421,21 @@ class RLPolicy(Task):
         }
 
     # --- training ---------------------------------------------------------------------------
-    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
-        new = self._env_steps(model, self.samples_per_micro_batch(micro_batch_size))
+    def batch(self, model: nn.Module, mb: MicroBatch) -> Any:
+        new = self._env_steps(model, self.samples_per_micro_batch(mb.size))
         extra = {}
         if self.buffer is not None:  # TRICK: replay_buffer — push the transitions, learn from a sample of all kept
             self.buffer.extend({"transition": new})
             beta = None
             if self.buffer.prioritized:  # PER: anneal the importance-weight exponent to 1 over the budget
-                beta = self.buffer.beta + (1.0 - self.buffer.beta) * progress
-            sample = self.buffer.sample(micro_batch_size, self.streams.generator("data", step, micro), beta=beta)
+                beta = self.buffer.beta + (1.0 - self.buffer.beta) * mb.progress
+            sample = self.buffer.sample(mb.size, self.streams.generator("data", mb.step, mb.index), beta=beta)
             rows = sample["transition"]
             if self.buffer.prioritized:
                 extra = {"weight": sample["weight"], "index": sample["index"]}
         else:  # replay off: learn from the most recent transitions only, oldest first
             self.recent = torch.cat([self.recent, new])[-self.batch_size :]
-            rows = self.recent[-micro_batch_size:]
+            rows = self.recent[-mb.size :]
         return self.unpack(rows.to(self.device)) | extra
 
     def q_and_target(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,7 +448,7 @@ class RLPolicy(Task):
             y = batch["reward"] + self.p["gamma"] * (1.0 - batch["terminated"]) * next_q
         return q, y
 
-    def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         q, y = self.q_and_target(model, batch)
         delta = self.p["huber_delta"]
         if "weight" not in batch:
@@ -464,7 +473,7 @@ class RLPolicy(Task):
     # --- evaluation -------------------------------------------------------------------------
     def eval_seeds(self, episodes: int) -> list[int]:
         """Reset seeds of the first ``episodes`` evaluation episodes (the same for every arm of a seed)."""
-        return [self.streams.seed_for("eval", _EVAL_EPISODES, i) for i in range(episodes)]
+        return [self.streams.seed_for("eval", Eval.EPISODES, i) for i in range(episodes)]
 
     def _eval_env_list(self, n: int) -> list[gym.Env]:
         while len(self._eval_envs) < n:
@@ -482,7 +491,7 @@ class RLPolicy(Task):
         obs = [env.reset(seed=s)[0] for env, s in zip(envs, self.eval_seeds(episodes))]
         returns = [0.0] * episodes
         active = list(range(episodes))
-        gens = [self.streams.generator("eval", _RANDOM_POLICY, i) for i in range(episodes)]
+        gens = [self.streams.generator("eval", Eval.RANDOM_POLICY, i) for i in range(episodes)]
         for _ in range(self.p["eval_max_steps"]):
             if not active:
                 break
@@ -561,7 +570,7 @@ class RLPolicy(Task):
             raise ValueError("load_state_dict: call build_model first (it creates the target network)")
         self.episode = int(state["episode"])
         # reset to the current episode (wrappers initialised), then overwrite the physics and the counter
-        self.env.reset(seed=self.streams.seed_for("env", _RESET, self.episode))
+        self.env.reset(seed=self.streams.seed_for("env", Env.RESET, self.episode))
         self.env.unwrapped.state = state["env_state"].numpy().copy()
         _time_limit(self.env)._elapsed_steps = int(state["elapsed_steps"])
         self.obs = state["obs"].numpy().copy()

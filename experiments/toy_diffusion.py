@@ -44,8 +44,11 @@ Where each data/loss-level trick acts (search for "TRICK:"):
   Leakage check (NVlabs/edm#17): ``swd`` is measured at labels = 0 against the *clean*
   distribution, and ``swd_to_augmented`` against the augmented one; a leaking model is
   closer to the augmented distribution than a clean one is.
-Loop-level tricks (EMA, post-hoc EMA, averaging, accumulation, zero weight decay) act in
-bench/loop.py. precise_bn does not apply: the model has no BatchNorm.
+Loop-role tricks (EMA, post-hoc EMA, averaging, accumulation, zero weight decay) act in
+bench/loop.py. precise_bn does not apply: the model has no BatchNorm (no "batchnorm" capability).
+
+Random sub-streams of one purpose are named by the ``IntEnum`` classes below (their integer
+values are part of the stream names, so they never change).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -60,12 +64,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.base import Task
+from experiments.base import MicroBatch, Task
 from experiments.data import toy2d
-from tricks import cond_dropout, cond_noise, fourier, nonleaky_aug, stratified
+from tricks import cond_noise, stratified
 from tricks.card import Param
+from tricks.cond_dropout import guided
+from tricks.fourier import FourierFeatures
 
 __all__ = ["TASK", "Denoiser", "ToyDiffusion", "class_fidelity", "edm_sigmas", "heun_sample", "sliced_wasserstein"]
+
+
+class Augment(IntEnum):
+    """Sub-streams of the ``augment`` purpose (per step and micro-batch)."""
+
+    NONLEAKY = 0  # nonleaky_augmentation's transform draws
+    COND_NOISE = 1  # cond_noise's noise
+    COND_DROPOUT = 2  # cond_dropout's mask
+
+
+class Noise(IntEnum):
+    """Sub-streams of the ``noise`` purpose (per step and micro-batch)."""
+
+    SAMPLES = 1  # the Gaussian noise added to the clean points (the noise levels use the bare stream)
+
+
+class Eval(IntEnum):
+    """Sub-streams of the ``eval`` purpose (identical in every arm of a seed)."""
+
+    SAMPLER_NOISE = 0  # the sampler's initial noise
+    TRUTH = 1  # true points the samples are compared with
+    SECOND_TRUTH = 2  # an independent true sample (the reference floor, the leakage check)
+    SENSITIVITY = 3  # the conditioning-sensitivity probe
+    LEAKAGE_AUGMENT = 4  # augmentation of the true points for the leakage check
+    INFERENCE_COND_NOISE = 5  # cond_noise's fixed inference noise
+
+
+class Init(IntEnum):
+    """Sub-streams of the ``init`` purpose."""
+
+    OPTIONAL_LAYERS = 1  # seeds of the layers only some tricks add
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,7 +211,8 @@ class Denoiser(nn.Module):
     embeddings, then ``depth − 1`` SiLU+linear layers and a SiLU+linear output. The noise-level
     embedding and the optional conditioning layers are created last, each under its own seed
     (``layer_seed + i``) when given, so switching a trick on leaves every other layer's
-    initialization unchanged (paired arms).
+    initialization unchanged (paired arms). ``fourier``: the fourier_features trick's layer
+    factory (``fourier(in_features)`` → :class:`~tricks.fourier.FourierFeatures`), or None.
     """
 
     def __init__(
@@ -183,7 +221,7 @@ class Denoiser(nn.Module):
         sigma_data: float,
         hidden: int = 64,
         depth: int = 3,
-        fourier_cfg: dict[str, Any] | None = None,
+        fourier: Callable[..., FourierFeatures] | None = None,
         aug_dim: int = 0,
         cond_std_input: bool = False,
         layer_seed: int | None = None,
@@ -196,11 +234,9 @@ class Denoiser(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, 2)
         with _seeded(layer_seed):
-            if fourier_cfg is not None:  # TRICK: fourier_features — c_noise → sin/cos features → linear
-                feats = fourier.FourierFeatures(
-                    1, fourier_cfg["num_features"], fourier_cfg["kind"], fourier_cfg["scale"]
-                )
-                self.noise_embed: nn.Module = nn.Sequential(feats, nn.Linear(fourier_cfg["num_features"], hidden))
+            if fourier is not None:  # TRICK: fourier_features — c_noise → sin/cos features → linear
+                feats = fourier(1)
+                self.noise_embed: nn.Module = nn.Sequential(feats, nn.Linear(feats.out_features, hidden))
             else:
                 self.noise_embed = nn.Linear(1, hidden)
         with _seeded(None if layer_seed is None else layer_seed + 1):
@@ -247,19 +283,9 @@ class Batch(NamedTuple):
 class ToyDiffusion(Task):
     name = "toy_diffusion"
     summary = "class-conditional EDM diffusion (MLP) on procedural 2-D data; sliced Wasserstein to the truth"
-    tricks = (
-        "ema",
-        "posthoc_ema",
-        "periodic_averaging",
-        "checkpoint_averaging",
-        "accumulation",
-        "no_weight_decay",
-        "stratified_sampling",
-        "fourier_features",
-        "cond_dropout",
-        "cond_noise",
-        "nonleaky_augmentation",
-    )
+    # task-role tricks wired below ("TRICK:"); loop roles: the default (optimizer groups, micro-batches,
+    # evaluated weights) — no "batchnorm" capability, so no bn_statistics role and no BN-only parameters
+    tricks = ("stratified_sampling", "fourier_features", "cond_dropout", "cond_noise", "nonleaky_augmentation")
     params = (
         Param("data", str, "moons", "the 2-D distribution (class = component)", choices=tuple(toy2d.DISTRIBUTIONS)),
         Param(
@@ -328,7 +354,7 @@ class ToyDiffusion(Task):
         "ema": {"half_life_samples": 8192},
         "posthoc_ema": {"snapshot_every_samples": 8192},
         "periodic_averaging": {"snapshot_every_samples": 4096, "window_fraction": 0.25},
-        "checkpoint_averaging": {"n": 3, "mode": "last", "recompute_bn": False},
+        "checkpoint_averaging": {"n": 3, "mode": "last"},
         "fourier_features": {"num_features": 32},
         "nonleaky_augmentation": {"p": 0.12, "max_translate": 0.25},
         "cond_noise": {"std": 0.2},
@@ -352,9 +378,6 @@ class ToyDiffusion(Task):
                 f"params.sigma_min: {params['sigma_min']} is not allowed; allowed: below params.sigma_max "
                 f"({params['sigma_max']})"
             )
-        f = tricks.get("fourier_features")
-        if f is not None and f["num_features"] % 2:  # FourierFeatures' sin/cos pairs (kind log: 2 per frequency)
-            problems.append(f"tricks.fourier_features.num_features: {f['num_features']} is not allowed; allowed: even")
         return problems
 
     def __init__(self, params, tricks, streams, device, train) -> None:
@@ -362,17 +385,22 @@ class ToyDiffusion(Task):
         p = params
         self.k = toy2d.num_classes(p["data"])
         self.sigma_data = p["sigma_data"] if p["sigma_data"] is not None else toy2d.data_std(p["data"])
-        self.micro_batches = tricks["accumulation"]["micro_batches"] if "accumulation" in tricks else 1
-        self.aug = tricks.get("nonleaky_augmentation")
-        self.aug_dim = nonleaky_aug.label_dim(nonleaky_aug.POINT_OPS, "points") if self.aug else 0
-        self.noise_cfg = tricks.get("cond_noise")
+        # the task-role tricks that are on (None when off), built from their validated settings
+        aug = tricks.get("nonleaky_augmentation")
+        self.aug = aug(kind="points") if aug is not None else None
+        self.aug_dim = self.aug.label_dim if self.aug is not None else 0
+        self.cond_noise = tricks.get("cond_noise")
         self.dropout = tricks.get("cond_dropout")
+        self.stratifier = tricks.get("stratified_sampling")
+        self.fourier = tricks.get("fourier_features")
         self.train_points: Tensor | None = None
         if p["train_size"]:
             pts, lab = toy2d.sample(p["data"], p["train_size"], torch.Generator().manual_seed(p["dataset_seed"]))
             self.train_points, self.train_labels = pts.to(device), lab.to(device)
         # fresh true samples for evaluation (the "eval" stream: identical in every arm of a seed)
-        self._truth = {n: self._true_points(n, 1) for n in {p["eval_samples_per_class"], p["final_samples_per_class"]}}
+        self._truth = {
+            n: self._true_points(n, Eval.TRUTH) for n in {p["eval_samples_per_class"], p["final_samples_per_class"]}
+        }
 
     def _true_points(self, n_per_class: int, index: int) -> tuple[Tensor, Tensor]:
         labels = torch.arange(self.k).repeat_interleave(n_per_class)
@@ -386,10 +414,10 @@ class ToyDiffusion(Task):
             self.sigma_data,
             self.p["hidden"],
             self.p["depth"],
-            fourier_cfg=self.tricks_on.get("fourier_features"),
+            fourier=self.fourier,
             aug_dim=self.aug_dim,
-            cond_std_input=bool(self.noise_cfg and self.noise_cfg["return_std"]),
-            layer_seed=self.streams.seed_for("init", 1),
+            cond_std_input=bool(self.cond_noise is not None and self.cond_noise.return_std),
+            layer_seed=self.streams.seed_for("init", Init.OPTIONAL_LAYERS),
         )
 
     def one_hot(self, labels: Tensor) -> Tensor:
@@ -397,8 +425,8 @@ class ToyDiffusion(Task):
         return F.one_hot(labels, self.k + 1).to(torch.float32)
 
     # --- training ---------------------------------------------------------------------------
-    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Batch:
-        n = micro_batch_size
+    def batch(self, model: nn.Module, mb: MicroBatch) -> Batch:
+        n, step, micro = mb.size, mb.step, mb.index
         g_data = self.streams.generator("data", step, micro)
         if self.train_points is None:
             x, labels = toy2d.sample(self.p["data"], n, g_data)
@@ -408,40 +436,28 @@ class ToyDiffusion(Task):
         x, labels = x.to(self.device), labels.to(self.device)
         aug = None
         if self.aug is not None:  # TRICK: nonleaky_augmentation — augment clean points, labels as conditioning
-            x, aug = nonleaky_aug.augment_points(
-                x,
-                self.aug["p"],
-                generator=self.streams.generator("augment", step, micro, 0),
-                max_translate=self.aug["max_translate"],
-                max_log2_scale=self.aug["max_log2_scale"],
-            )
-        if "stratified_sampling" in self.tricks_on:  # TRICK: stratified_sampling — one σ per stratum of the step
-            # the same generator state for every micro-batch of the step: one permutation over the whole step
-            u = stratified.stratified_uniform_accumulated(
-                n, self.micro_batches, micro, generator=self.streams.generator("noise", step)
+            x, aug = self.aug(x, self.streams.generator("augment", step, micro, Augment.NONLEAKY))
+        if self.stratifier is not None:  # TRICK: stratified_sampling — one σ per stratum of the whole step
+            # the same generator state for every micro-batch of the step: one permutation over the step
+            u = self.stratifier.uniform(
+                n, generator=self.streams.generator("noise", step), micro_batches=mb.count, micro_index=micro
             )
         else:
             u = stratified.iid_uniform(n, generator=self.streams.generator("noise", step, micro))
         sigma = stratified.to_lognormal(u, self.p["P_mean"], self.p["P_std"]).to(self.device)
-        noise = torch.randn(n, 2, generator=self.streams.generator("noise", step, micro, 1)).to(self.device)
+        noise = torch.randn(n, 2, generator=self.streams.generator("noise", step, micro, Noise.SAMPLES)).to(self.device)
         cond = self.one_hot(labels)
         cond_std = None
-        if self.noise_cfg is not None:  # TRICK: cond_noise — Gaussian noise on the class one-hot, std as input
-            cond, std = cond_noise.noise_augment(
-                cond,
-                self.noise_cfg["std"],
-                generator=self.streams.generator("augment", step, micro, 1),
-                random_std=self.noise_cfg["random_std"],
+        if self.cond_noise is not None:  # TRICK: cond_noise — Gaussian noise on the class one-hot, std as input
+            cond, cond_std = self.cond_noise.augment(
+                cond, self.streams.generator("augment", step, micro, Augment.COND_NOISE)
             )
-            cond_std = std[:, None] if self.noise_cfg["return_std"] else None
         if self.dropout is not None:  # TRICK: cond_dropout — class → null row at rate p (after the noise: exact null)
-            mask = cond_dropout.dropout_mask(
-                n, self.dropout["p"], generator=self.streams.generator("augment", step, micro, 2), device=self.device
-            )
-            cond = cond_dropout.apply_dropout(cond, mask, self.one_hot(torch.tensor([self.k]))[0].to(self.device))
+            g_drop = self.streams.generator("augment", step, micro, Augment.COND_DROPOUT)
+            cond, _ = self.dropout(cond, g_drop, null_value=self.one_hot(torch.tensor([self.k]))[0].to(self.device))
         return Batch(x, cond, sigma, noise, aug, cond_std)
 
-    def loss(self, model: nn.Module, batch: Batch, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Batch, mb: MicroBatch) -> tuple[Tensor, dict[str, float]]:
         # EDM's loss (training/loss.py EDMLoss): λ(σ)·‖D(x + σn) − x‖², λ = (σ² + σ_d²)/(σ·σ_d)²
         sigma = batch.sigma[:, None]
         denoised = model(batch.x + sigma * batch.noise, batch.sigma, batch.cond, batch.aug, batch.cond_std)
@@ -453,12 +469,9 @@ class ToyDiffusion(Task):
         """Conditioning at sampling: the one-hot (+ fixed inference noise), its std, zero aug labels."""
         cond = self.one_hot(labels)
         cond_std = None
-        if self.noise_cfg is not None:
-            s = self.noise_cfg["inference_std"]
-            if s > 0:  # a fixed draw from the eval stream: deterministic inference
-                cond, _ = cond_noise.noise_augment(cond, s, generator=self.streams.generator("eval", 5))
-            if self.noise_cfg["return_std"]:
-                cond_std = cond.new_full((len(cond), 1), s)
+        if self.cond_noise is not None:  # a fixed draw from the eval stream: deterministic inference
+            g = self.streams.generator("eval", Eval.INFERENCE_COND_NOISE)
+            cond, cond_std = self.cond_noise.at_inference(cond, g)
         aug = cond.new_zeros(len(cond), self.aug_dim) if self.aug is not None else None
         return cond, aug, cond_std
 
@@ -479,7 +492,7 @@ class ToyDiffusion(Task):
             if guidance_weight is None:
                 return pred
             # TRICK: cond_dropout — classifier-free guidance at sampling time
-            return cond_dropout.guided(pred, model(x, sigma, null, aug, cond_std), guidance_weight)
+            return guided(pred, model(x, sigma, null, aug, cond_std), guidance_weight)
 
         return heun_sample(denoise, noise * sigmas[0].item(), sigmas)
 
@@ -493,12 +506,12 @@ class ToyDiffusion(Task):
         n = self.p["final_samples_per_class" if final else "eval_samples_per_class"]
         truth = self._truth[n]
         labels = truth[1]
-        noise = torch.randn(len(labels), 2, generator=self.streams.generator("eval", 0, n)).to(self.device)
-        samples = self.generate(model, labels, noise, None)
+        noise = torch.randn(len(labels), 2, generator=self.streams.generator("eval", Eval.SAMPLER_NOISE, n))
+        samples = self.generate(model, labels, noise.to(self.device), None)
         per_class = self._swd_per_class(samples, truth)
         out = {"swd_unguided": sum(per_class) / self.k}
         if self.dropout is not None:  # the recipe's samples are the guided ones
-            samples = self.generate(model, labels, noise, self.dropout["guidance_weight"])
+            samples = self.generate(model, labels, noise.to(self.device), self.dropout.guidance_weight)
             per_class = self._swd_per_class(samples, truth)
             out["swd_guided"] = sum(per_class) / self.k
         out["swd"] = sum(per_class) / self.k
@@ -513,23 +526,21 @@ class ToyDiffusion(Task):
     ) -> dict[str, float]:
         """The reference floor, the conditioning sensitivity and (nonleaky_augmentation) the leakage check."""
         pts, labels = truth
-        other = self._true_points(n, 2)  # a second, independent true sample
+        other = self._true_points(n, Eval.SECOND_TRUTH)  # a second, independent true sample
         out = {"swd_floor": sum(self._swd_per_class(other[0], truth)) / self.k}
         # how much D changes per unit perturbation of the class conditioning, at a mid noise level
         sigma = torch.full((len(pts),), 0.5, device=self.device)
-        x_noisy = pts + 0.5 * torch.randn(pts.shape, generator=self.streams.generator("eval", 3)).to(self.device)
+        g_probe = self.streams.generator("eval", Eval.SENSITIVITY)
+        x_noisy = pts + 0.5 * torch.randn(pts.shape, generator=g_probe).to(self.device)
         cond, aug, cond_std = self._sampling_cond(labels)
         out["cond_sensitivity"] = cond_noise.sensitivity(
-            lambda c: model(x_noisy, sigma, c, aug, cond_std), cond, 0.05, self.streams.generator("eval", 3, 1)
+            lambda c: model(x_noisy, sigma, c, aug, cond_std),
+            cond,
+            0.05,
+            self.streams.generator("eval", Eval.SENSITIVITY, 1),
         )
         if self.aug is not None:  # leakage: are the labels = 0 samples nearer the augmented data than the clean?
-            aug_pts, _ = nonleaky_aug.augment_points(
-                other[0],
-                self.aug["p"],
-                generator=self.streams.generator("eval", 4),
-                max_translate=self.aug["max_translate"],
-                max_log2_scale=self.aug["max_log2_scale"],
-            )
+            aug_pts, _ = self.aug(other[0], self.streams.generator("eval", Eval.LEAKAGE_AUGMENT))
             out["swd_to_augmented"] = sum(self._swd_per_class(samples, (aug_pts, labels))) / self.k
             # the same distance for true clean points: where a model without leakage sits
             out["swd_clean_to_augmented"] = sum(self._swd_per_class(pts, (aug_pts, labels))) / self.k
@@ -543,8 +554,9 @@ class ToyDiffusion(Task):
 
         n = self.p["eval_samples_per_class"]
         pts, labels = self._truth[n]
-        noise = torch.randn(len(labels), 2, generator=self.streams.generator("eval", 0, n)).to(self.device)
-        w = self.dropout["guidance_weight"] if self.dropout is not None else None
+        noise = torch.randn(len(labels), 2, generator=self.streams.generator("eval", Eval.SAMPLER_NOISE, n))
+        noise = noise.to(self.device)
+        w = self.dropout.guidance_weight if self.dropout is not None else None
         with torch.no_grad():
             samples = self.generate(model.eval(), labels, noise, w)
         fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)

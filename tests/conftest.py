@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,11 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture
-def synthetic_task(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Register the test-only ``synthetic`` task for the duration of a test."""
-    from experiments import registry
+def synthetic_task() -> Iterator[str]:
+    """Register the test-only ``synthetic`` task for the duration of a test (``register_task``, as a user would)."""
+    from experiments.registry import register_task, unregister_task
+    from tests.synthetic_task import Synthetic
 
-    monkeypatch.setitem(registry._TASK_MODULES, "synthetic", "tests.synthetic_task")
-    monkeypatch.setattr(registry, "TASK_NAMES", (*registry.TASK_NAMES, "synthetic"))
-    from bench import spec
-
-    monkeypatch.setattr(spec, "TASK_NAMES", registry.TASK_NAMES)
-    return "synthetic"
+    register_task(Synthetic)
+    yield "synthetic"
+    unregister_task("synthetic")

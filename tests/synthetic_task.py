@@ -11,14 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.base import Task
+from experiments.base import MicroBatch, Task
 from tricks.card import Param
 
 
 class Synthetic(Task):
     name = "synthetic"
     summary = "test-only noisy linear regression"
-    tricks = ("ema", "accumulation", "no_weight_decay", "checkpoint_averaging", "periodic_averaging", "posthoc_ema")
     params = (
         Param("dim", int, 8, "input dimension", low=1),
         Param("noise_std", float, 0.1, "label noise", low=0.0),
@@ -44,13 +43,13 @@ class Synthetic(Task):
     def build_model(self) -> nn.Module:
         return nn.Linear(self.p["dim"], 1)
 
-    def batch(self, model: nn.Module, step: int, micro: int, micro_batch_size: int, progress: float) -> Any:
-        g = self.streams.generator("data", step, micro)
-        x = torch.randn(micro_batch_size, self.p["dim"], generator=g)
-        y = x @ self.w_true + self.p["noise_std"] * torch.randn(micro_batch_size, 1, generator=g)
+    def batch(self, model: nn.Module, mb: MicroBatch) -> Any:
+        g = self.streams.generator("data", mb.step, mb.index)
+        x = torch.randn(mb.size, self.p["dim"], generator=g)
+        y = x @ self.w_true + self.p["noise_std"] * torch.randn(mb.size, 1, generator=g)
         return x, y
 
-    def loss(self, model: nn.Module, batch: Any, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         x, y = batch
         return ((model(x) - y) ** 2).mean(), {}
 

@@ -120,9 +120,9 @@ def test_a_task_that_unsets_gradients_fails_the_run_instead_of_reporting(
     monkeypatch.setattr(cls, "dense_grads", True)
     original = cls.loss
 
-    def loss_that_unsets_grads(self, model, batch, step, micro):  # type: ignore[no-untyped-def]
+    def loss_that_unsets_grads(self, model, batch, mb):  # type: ignore[no-untyped-def]
         model.zero_grad(set_to_none=True)  # the bug the buffer must not hide
-        return original(self, model, batch, step, micro)
+        return original(self, model, batch, mb)
 
     monkeypatch.setattr(cls, "loss", loss_that_unsets_grads)
     cell = cell_for(synthetic_task, {}, {}, {"budget_samples": 256, "eval_every_samples": 128})

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from bench.grid import expand
-from bench.loop import RunContext, train, train_cell
+from bench.loop import RunContext, build_task, train, train_cell
 from bench.spec import parse_spec
+from experiments.base import MicroBatch
 
 TINY_CIFAR = {"data": "offline", "train_size": 256, "test_size": 128, "width": 8}
 
@@ -118,7 +119,6 @@ def test_cifar_replay_samples_stored_images_not_slots(tmp_path: Path) -> None:
     With more items pushed than there are images, a slot-vs-item mix-up would index past the data.
     """
     from bench.seeds import SeedBundle
-    from experiments.cifar_autoencoder import CifarAutoencoder
 
     cell = cell_for(
         "cifar_autoencoder",
@@ -127,11 +127,9 @@ def test_cifar_replay_samples_stored_images_not_slots(tmp_path: Path) -> None:
         {"budget_samples": 320, "batch_size": 32, "eval_every_samples": 160},
     )
     assert train(cell, tmp_path / "run", RunContext(threads=1))["status"] == "completed"
-    task = CifarAutoencoder(
-        cell.config["params"], cell.config["tricks"], SeedBundle(0), torch.device("cpu"), cell.config["train"]
-    )
+    task, _ = build_task(cell.config, SeedBundle(0), torch.device("cpu"))
     model = task.build_model()
     for step in range(6):
-        x, _, _ = task.batch(model, step, 0, 32, 0.0)
+        x = task.batch(model, MicroBatch(step=step, index=0, count=1, size=32, progress=0.0)).x
         pushed = task._stream_indices(0, min((step + 1) * 32, 256))
         assert all(any(torch.equal(img, task.x_train[i]) for i in pushed.tolist()) for img in x[:4])

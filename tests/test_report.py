@@ -116,7 +116,7 @@ def test_fractional_factorial_report_states_resolution_aliases_and_interactions(
         "tasks": {
             "synthetic": {"params": {"dim": 8}, "train": SYNTH_TRAIN,
                           "tricks": {"ema": {"half_life_samples": 128}, "accumulation": {"micro_batches": 2},
-                                     "checkpoint_averaging": {"n": 2}}},
+                                     "no_weight_decay": None}},
         },
     }  # fmt: skip
     gdir = _run_grid(tmp_path, spec)
@@ -124,8 +124,8 @@ def test_fractional_factorial_report_states_resolution_aliases_and_interactions(
     for section in [*SECTIONS, "### Interactions"]:
         assert section in md, section
     assert "resolution **3**" in md
-    assert "`checkpoint_averaging = ema·accumulation`" in md
-    assert "ema (+accumulation×checkpoint_averaging)" in md  # a main effect names the interaction it carries
+    assert "`no_weight_decay = ema·accumulation`" in md
+    assert "ema (+accumulation×no_weight_decay)" in md  # a main effect names the interaction it carries
     figures = _figures(gdir)
     assert gdir / "figures" / "synthetic_interactions.png" in figures
     _check_self_contained(gdir, figures)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.loop import RunContext, train
+from bench.loop import RunContext, build_task, train
 from bench.seeds import SeedBundle
 from bench.spec import SpecError, parse_spec
-from experiments.rl_policy import RLPolicy
+from experiments.base import MicroBatch
 from tests.test_loop import cell_for
 from tricks import ema
 from tricks.registry import REGISTRY
@@ -28,7 +28,7 @@ def _task(tricks: dict | None = None, params: dict | None = None, train_cfg: dic
     """A task object built exactly as the loop builds it (resolved spec, seed bundle, model)."""
     cell = cell_for(TASK, tricks, params, train_cfg, seed=seed)
     cfg = cell.config
-    task = RLPolicy(cfg["params"], cfg["tricks"], SeedBundle(cell.seed), torch.device("cpu"), cfg["train"])
+    task, _ = build_task(cfg, SeedBundle(cell.seed), torch.device("cpu"))
     torch.manual_seed(SeedBundle(cell.seed).seed_for("init"))
     return task, task.build_model()
 
@@ -103,13 +103,13 @@ def test_task_state_round_trip_continues_the_same_stream() -> None:
     """Restoring ``state_dict`` into a fresh task (mid-episode) gives the same next transitions."""
     a, model = _task({"replay_buffer": {"capacity": 256}}, SMALL_PARAMS, SMALL_TRAIN)
     for step in range(7):
-        a.batch(model, step, 0, 32, 0.0)
+        a.batch(model, MicroBatch(step, 0, 1, 32, 0.0))
     state = a.state_dict()
     assert state["elapsed_steps"] > 0
     b, _ = _task({"replay_buffer": {"capacity": 256}}, SMALL_PARAMS, SMALL_TRAIN)
     b.load_state_dict(state)
     for step in range(7, 40):
-        xa, xb = a.batch(model, step, 0, 32, 0.0), b.batch(model, step, 0, 32, 0.0)
+        xa, xb = a.batch(model, MicroBatch(step, 0, 1, 32, 0.0)), b.batch(model, MicroBatch(step, 0, 1, 32, 0.0))
         for k in xa:
             assert torch.equal(xa[k], xb[k]), (step, k)
     assert a.train_returns == b.train_returns and a.episode == b.episode and a.env_steps == b.env_steps
@@ -129,7 +129,7 @@ def test_replay_off_learns_from_the_most_recent_transitions_only() -> None:
     assert per_call == off.p["env_steps_per_update"] // 2
     saw_older = False
     for step in range(100):
-        b_off, b_on = off.batch(model, step, 0, m, 0.0), on.batch(model, step, 0, m, 0.0)
+        b_off, b_on = off.batch(model, MicroBatch(step, 0, 1, m, 0.0)), on.batch(model, MicroBatch(step, 0, 1, m, 0.0))
         n = (step + 1) * per_call  # transitions so far
         # the replay buffer (capacity > n) holds the whole stream in order: its tail is the recent window
         stream = on.unpack(on.buffer.state_dict()["storage"]["transition"])
@@ -229,7 +229,7 @@ def test_evaluation_does_not_touch_the_training_stream(tmp_path: Path) -> None:
 def test_render_outputs_writes_png(tmp_path: Path) -> None:
     task, model = _task({}, SMALL_PARAMS)
     for step in range(30):
-        task.batch(model, step, 0, 32, 0.0)
+        task.batch(model, MicroBatch(step, 0, 1, 32, 0.0))
     assert task.train_returns
     path = tmp_path / "returns.png"
     assert task.render_outputs(model, path)

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from bench.grid import expand
-from bench.loop import RunContext, train
+from bench.loop import RunContext, build_task, train
 from bench.seeds import SeedBundle
-from bench.spec import SpecError, load_spec, parse_spec
+from bench.spec import SpecError, applicable_tricks, load_spec, parse_spec
+from experiments.base import MicroBatch
 from experiments.data import toy2d
 from experiments.toy_diffusion import (
     Denoiser,
@@ -37,7 +38,7 @@ def make_task(tricks: dict | None = None, params: dict | None = None, train_cfg:
     """A task object as the loop builds it (resolved config), and its untrained model."""
     cfg = cell_for("toy_diffusion", tricks, params, train_cfg, seed=seed).config
     streams = SeedBundle(seed)
-    task = ToyDiffusion(cfg["params"], cfg["tricks"], streams, torch.device("cpu"), cfg["train"])
+    task, _ = build_task(cfg, streams, torch.device("cpu"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(streams.seed_for("init"))
         model = task.build_model()
@@ -206,18 +207,18 @@ def test_stratified_sigmas_cover_every_stratum_across_micro_batches() -> None:
     task, model = make_task(
         {"stratified_sampling": None, "accumulation": {"micro_batches": 4}}, None, {"batch_size": 64}
     )
-    u = torch.cat([_u_of(task, task.batch(model, 7, micro, 16, 0.0).sigma) for micro in range(4)])
+    u = torch.cat([_u_of(task, task.batch(model, MicroBatch(7, micro, 4, 16, 0.0)).sigma) for micro in range(4)])
     strata = torch.floor(u * 64).long()
     assert torch.equal(torch.sort(strata).values, torch.arange(64))
     # the i.i.d. arm leaves strata empty (with overwhelming probability at n = 64)
     task_iid, _ = make_task({"accumulation": {"micro_batches": 4}}, None, {"batch_size": 64})
-    u_iid = torch.cat([_u_of(task_iid, task_iid.batch(model, 7, m, 16, 0.0).sigma) for m in range(4)])
+    u_iid = torch.cat([_u_of(task_iid, task_iid.batch(model, MicroBatch(7, m, 4, 16, 0.0)).sigma) for m in range(4)])
     assert len(torch.unique(torch.floor(u_iid * 64))) < 64
 
 
 def test_cond_dropout_writes_the_exact_null_class() -> None:
     task, model = make_task({"cond_dropout": {"p": 0.5}, "cond_noise": {"std": 0.3}})
-    b = task.batch(model, 0, 0, 2000, 0.0)
+    b = task.batch(model, MicroBatch(0, 0, 1, 2000, 0.0))
     null = torch.tensor([0.0, 0.0, 1.0])
     dropped = (b.cond == null).all(dim=1)
     assert abs(dropped.float().mean().item() - 0.5) < 0.05
@@ -227,9 +228,9 @@ def test_cond_dropout_writes_the_exact_null_class() -> None:
 
 def test_cond_noise_noises_the_one_hot_in_training_only() -> None:
     task, model = make_task({"cond_noise": {"std": 0.2}})
-    b = task.batch(model, 0, 0, 4000, 0.0)
+    b = task.batch(model, MicroBatch(0, 0, 1, 4000, 0.0))
     base, _ = make_task()
-    clean = base.batch(model, 0, 0, 4000, 0.0).cond  # the same step of the paired arm: the same classes
+    clean = base.batch(model, MicroBatch(0, 0, 1, 4000, 0.0)).cond  # the same step of the paired arm: the same classes
     assert abs((b.cond - clean).std().item() - 0.2) < 0.01
     assert torch.equal(b.cond_std, torch.full((4000, 1), 0.2))
     cond, _, cond_std = task._sampling_cond(torch.tensor([0, 1]))
@@ -239,7 +240,7 @@ def test_cond_noise_noises_the_one_hot_in_training_only() -> None:
 def test_nonleaky_augmentation_labels_zero_exactly_where_points_are_clean() -> None:
     task, model = make_task({"nonleaky_augmentation": {"p": 0.3}})
     base, _ = make_task()
-    b, clean = task.batch(model, 3, 0, 512, 0.0), base.batch(model, 3, 0, 512, 0.0)
+    b, clean = task.batch(model, MicroBatch(3, 0, 1, 512, 0.0)), base.batch(model, MicroBatch(3, 0, 1, 512, 0.0))
     untouched = (b.aug == 0).all(dim=1)
     assert 0.05 < untouched.float().mean() < 0.5  # (1 − 0.3)^5 ≈ 0.17 of the points are clean
     assert torch.equal(b.x[untouched], clean.x[untouched])
@@ -251,7 +252,7 @@ def test_fixed_training_set_is_shared_by_seeds_and_sampled_from() -> None:
     task, model = make_task(None, {"train_size": 64}, seed=0)
     other, _ = make_task(None, {"train_size": 64}, seed=1)
     assert torch.equal(task.train_points, other.train_points)  # a property of the task, not of the seed
-    b = task.batch(model, 5, 0, 256, 0.0)
+    b = task.batch(model, MicroBatch(5, 0, 1, 256, 0.0))
     assert (b.x[:, None, :] == task.train_points[None]).all(dim=2).any(dim=1).all()  # every point is a training point
     assert len(torch.unique(b.x, dim=0)) <= 64
 
@@ -266,11 +267,12 @@ def test_check_rejects_an_empty_sampling_range() -> None:
 
 def test_grids_validate_and_cover_every_applicable_trick() -> None:
     quick, full = load_spec(GRIDS / "diffusion_quick.yaml"), load_spec(GRIDS / "diffusion_full.yaml")
+    applicable = set(applicable_tricks(ToyDiffusion))
     for spec in (quick, full):
         (task,) = spec.tasks
-        assert set(task.tricks) == set(ToyDiffusion.tricks)
+        assert set(task.tricks) == applicable
     assert len(quick.seeds) == 3 and len(full.seeds) >= 10
-    assert len(expand(quick)) == 3 * (1 + len(ToyDiffusion.tricks))
+    assert len(expand(quick)) == 3 * (1 + len(applicable))
     with pytest.raises(SpecError, match="precise_bn"):
         parse_spec({"grid": "x", "tasks": {"toy_diffusion": {"tricks": {"precise_bn": None}}}})
 
@@ -303,7 +305,7 @@ def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "final_model.pt", weights_only=True)
 
 
-TRICK_CASES = {"baseline": {}} | {name: {name: REGISTRY[name].tiny_setting} for name in ToyDiffusion.tricks}
+TRICK_CASES = {"baseline": {}} | {name: {name: REGISTRY[name].tiny_setting} for name in applicable_tricks(ToyDiffusion)}
 TRICK_CASES["task-tricks+accumulation"] = {
     name: REGISTRY[name].tiny_setting
     for name in ("stratified_sampling", "fourier_features", "cond_dropout", "cond_noise", "nonleaky_augmentation")

@@ -1,20 +1,33 @@
-"""Registry-driven tests: every trick has a card and a tiny setting; every (task, trick) cell of the
-applicability matrix smoke-trains and resumes bit-exactly. A new trick or task without a tiny
-setting fails here."""
+"""Registry-driven tests over every trick card and every (task, trick) cell of the applicability matrix.
+
+- every card is complete, has a tiny setting, a role and a build;
+- every applicable cell smoke-trains and resumes bit-exactly;
+- every applicable cell changes the run when the trick is switched on (a trick the loop or the task
+  does not wire cannot pass);
+- every parameter of every card, moved from its setting to another valid value, changes the run on
+  every task it applies to — or validation rejects it for that task. No parameter is dead.
+
+A new trick or task (built-in or plugin) is covered without editing this file: the cells come from
+the registries. ``bench selftest`` runs the same checks for one installed plugin.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from bench.loop import RunContext, train
-from experiments.registry import TASK_NAMES, get_task
-from tests.test_loop import cell_for
+from bench.selftest import alternatives, differs, run_signature, tiny_cell
+from bench.spec import SpecError, applicable_tricks
+from experiments.registry import get_task, task_names
+from tricks.card import ROLES
 from tricks.registry import REGISTRY
 
-PAIRS = [(task, trick) for task in TASK_NAMES for trick in get_task(task).tricks]
+PAIRS = [(task, trick) for task in task_names() for trick in applicable_tricks(get_task(task))]
+IDS = [f"{t}-{k}" for t, k in PAIRS]
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -24,28 +37,32 @@ def test_card_is_complete(name: str) -> None:
     for field in ("summary", "off", "on", "cost", "effect"):
         assert getattr(card, field).strip(), f"{name}: empty {field}"
     assert card.references, f"{name}: no references"
-    assert card.level in ("loop", "task")
+    assert card.role in ROLES
+    assert callable(card.build)
     assert isinstance(card.tiny_setting, dict), f"{name}: no tiny setting"
     card.resolve(card.tiny_setting)  # the tiny setting is itself valid
-    assert any(name in get_task(t).tricks for t in TASK_NAMES), f"{name} applies to no task"
+    assert any(card.name in applicable_tricks(get_task(t)) for t in task_names()), f"{name} applies to no task"
+    for other in card.incompatible:
+        assert other in REGISTRY, f"{name}: incompatible with unknown trick {other!r}"
 
 
-@pytest.mark.parametrize("task", TASK_NAMES)
+@pytest.mark.parametrize("task", task_names())
 def test_task_declares_tiny_setting_and_valid_tricks(task: str) -> None:
     cls = get_task(task)
     assert cls.tiny is not None, f"task {task} has no tiny setting"
-    unknown = set(cls.tricks) - set(REGISTRY)
-    assert not unknown, f"task {task} lists unknown tricks {unknown}"
+    for name in cls.tricks:  # the tricks the task wires itself must be task-role cards
+        assert name in REGISTRY, f"task {task} lists unknown trick {name!r}"
+        assert REGISTRY[name].role == "task", f"task {task} lists {name!r}, whose role is {REGISTRY[name].role!r}"
+    for role in cls.loop_roles:
+        assert role in ROLES and role != "task", f"task {task} accepts unknown loop role {role!r}"
+    for name, defaults in cls.trick_defaults.items():  # the task's own defaults validate on the task
+        assert name in applicable_tricks(cls), f"task {task} has defaults for {name!r}, which does not apply"
+        tiny_cell(task, {name: defaults})
 
 
-def _final(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "final_model.pt", weights_only=True)
-
-
-@pytest.mark.parametrize(("task", "trick"), PAIRS, ids=[f"{t}-{k}" for t, k in PAIRS])
+@pytest.mark.parametrize(("task", "trick"), PAIRS, ids=IDS)
 def test_every_applicable_cell_trains_and_resumes_bit_exactly(tmp_path: Path, task: str, trick: str) -> None:
-    cls = get_task(task)
-    cell = cell_for(task, {trick: REGISTRY[trick].tiny_setting}, cls.tiny["params"], cls.tiny["train"])
+    cell = tiny_cell(task, {trick: REGISTRY[trick].tiny_setting})
     full = train(cell, tmp_path / "full", RunContext(threads=1))
     assert full["status"] == "completed", full
     steps = full["cost"]["steps"]
@@ -55,12 +72,63 @@ def test_every_applicable_cell_trains_and_resumes_bit_exactly(tmp_path: Path, ta
     resumed = train(cell, out, RunContext(threads=1))
     assert resumed["metric"] == full["metric"]
     assert (out / "train.csv").read_text() == (tmp_path / "full" / "train.csv").read_text()
-    for k, v in _final(tmp_path / "full").items():
-        assert torch.equal(_final(out)[k], v), k
+    final_full = torch.load(tmp_path / "full" / "final_model.pt", weights_only=True)
+    final_resumed = torch.load(out / "final_model.pt", weights_only=True)
+    for k, v in final_full.items():
+        assert torch.equal(final_resumed[k], v), k
+
+
+@pytest.mark.parametrize(("task", "trick"), PAIRS, ids=IDS)
+def test_trick_on_changes_the_run(tmp_path: Path, task: str, trick: str) -> None:
+    """On ≠ off: the training losses, the evaluated final weights or the final metrics differ."""
+    off = run_signature(tiny_cell(task, {}), tmp_path)
+    on = run_signature(tiny_cell(task, {trick: REGISTRY[trick].tiny_setting}), tmp_path)
+    assert differs(on, off), f"{task} + {trick}: switching the trick on changed nothing"
+
+
+PARAM_CELLS = [(task, trick, p.name) for task, trick in PAIRS for p in REGISTRY[trick].params]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "trick", "param"), PARAM_CELLS, ids=[f"{t}-{k}-{p}" for t, k, p in PARAM_CELLS])
+def test_every_parameter_acts_or_is_rejected(tmp_path: Path, task: str, trick: str, param: str) -> None:
+    """Moving one parameter to another valid value changes the run, or validation rejects it for this task.
+
+    The base setting is the card's tiny setting, with the parameter's ``only_if`` condition switched
+    on (``alpha`` of replay is probed with ``prioritized: true``, where it is meant to act).
+    """
+    card = REGISTRY[trick]
+    p = card.param_map[param]
+    base: dict[str, Any] = dict(card.tiny_setting)
+    if p.only_if is not None:
+        base[p.only_if[0]] = p.only_if[1]
+    try:
+        base_cell = tiny_cell(task, {trick: base})
+    except SpecError:  # the condition itself is rejected on this task: so is the parameter
+        return
+    value = base_cell.config["tricks"][trick].get(param)
+    if value is None and param not in base_cell.config["tricks"][trick]:
+        with pytest.raises(SpecError, match="no effect here"):  # inactive here: giving it must be an error
+            tiny_cell(task, {trick: {**base, param: p.default}})
+        return
+    alts = alternatives(p, value)
+    assert alts, f"{trick}.{param}: no other valid value to probe (value {value!r})"
+    reference = run_signature(base_cell, tmp_path)
+    for alt in alts:
+        try:
+            cell = tiny_cell(task, {trick: {**base, param: alt}})
+        except SpecError:
+            continue  # rejected for this task, with the field named: allowed
+        assert differs(run_signature(cell, tmp_path), reference), (
+            f"{task} + {trick}: {param} {value!r} → {alt!r} validates but changes nothing (a dead parameter)"
+        )
 
 
 DENSE_CELLS = [
-    (task, trick) for task in TASK_NAMES if get_task(task).dense_grads for trick in (None, *get_task(task).tricks)
+    (task, trick)
+    for task in task_names()
+    if get_task(task).dense_grads
+    for trick in (None, *applicable_tricks(get_task(task)))
 ]
 
 
@@ -73,17 +141,16 @@ def test_dense_grads_declaration_holds_for_every_cell(tmp_path: Path, task: str,
     """
     from bench.loop import _Trainer
     from bench.memory import PeakMemory
+    from experiments.base import MicroBatch
 
-    cls = get_task(task)
-    tricks = {trick: REGISTRY[trick].tiny_setting} if trick else {}
-    cell = cell_for(task, tricks, cls.tiny["params"], cls.tiny["train"])
+    cell = tiny_cell(task, {trick: REGISTRY[trick].tiny_setting} if trick else {})
     with PeakMemory(torch.device("cpu")) as mem:
         t = _Trainer(cell, tmp_path, RunContext(threads=1), mem)
         named = [(n, p) for n, p in t.model.named_parameters() if p.requires_grad]
         for step in range(min(t.total_steps, 8)):
             for micro, size in enumerate(t.micro_sizes):
-                batch = t.task.batch(t.model, step, micro, size, step / t.total_steps)
-                loss, _ = t.task.loss(t.model, batch, step, micro)
+                mb = MicroBatch(step=step, index=micro, count=t.k, size=size, progress=step / t.total_steps)
+                loss, _ = t.task.loss(t.model, t.task.batch(t.model, mb), mb)
                 loss.backward()
             missing = [n for n, p in named if p.grad is None]
             assert not missing, f"{task} + {trick}: no gradient for {missing} at step {step}"

@@ -43,9 +43,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, CheckContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "accumulate_gradients", "scale_loss", "split_micro_batches"]
+__all__ = ["CARD", "MicroBatching", "accumulate_gradients", "build", "scale_loss", "split_micro_batches"]
 
 
 def _check_micro_batches(micro_batches: int) -> None:
@@ -103,6 +103,37 @@ def accumulate_gradients(
         scaled.backward()
 
 
+class MicroBatching:
+    """The loop's ``micro_batches`` role: each optimizer step's batch as ``micro_batches`` micro-batches.
+
+    Configuration only. :meth:`split` is :func:`split_micro_batches`; the loop divides each
+    micro-batch's loss by ``micro_batches`` (:func:`scale_loss`) and steps once per batch.
+    """
+
+    def __init__(self, micro_batches: int) -> None:
+        _check_micro_batches(micro_batches)
+        self.micro_batches = micro_batches
+
+    def split(self, batch_size: int) -> list[int]:
+        """Micro-batch sizes of one optimizer step of ``batch_size`` samples."""
+        return split_micro_batches(batch_size, self.micro_batches)
+
+    def __repr__(self) -> str:
+        return f"MicroBatching(micro_batches={self.micro_batches})"
+
+
+def build(settings: Settings, context: BuildContext) -> MicroBatching:
+    """The run's micro-batching."""
+    return MicroBatching(settings["micro_batches"])
+
+
+def _check(settings: Any, context: CheckContext) -> list[str]:
+    k, batch = settings["micro_batches"], context.train["batch_size"]
+    if batch % k:
+        return [f"micro_batches: {k} does not divide train.batch_size {batch}; allowed: a divisor of the batch size"]
+    return []
+
+
 CARD = TrickCard(
     name="accumulation",
     summary="Compute each optimizer step's batch as k micro-batches with loss/k (same samples, same step count).",
@@ -131,7 +162,9 @@ CARD = TrickCard(
         "karpathy/nanoGPT:train.py (loss / gradient_accumulation_steps; issue #206)",
         "Deci-AI/super-gradients#1858 (BatchNorm with accumulation)",
     ),
-    level="loop",
+    role="micro_batches",
+    build=build,
+    check=_check,
     tiny_setting={"micro_batches": 2},
     incompatible=(),
 )

@@ -3,9 +3,12 @@
 Trick card
 ----------
 **Off**: the model evaluated at the end is the final training model.
-**On**: at each evaluation the loop offers the current weights to a :class:`CheckpointAverager`,
-which keeps a CPU copy of the N best (by the validation metric; ``mode="best"``) or the N most
-recent (``mode="last"``) checkpoints; the final evaluated model is their uniform average.
+**On**: at each evaluation the loop offers the current training weights, with their metric, to a
+:class:`CheckpointAverager`, which keeps a CPU copy of the N best (by the validation metric;
+``mode="best"``) or the N most recent (``mode="last"``) checkpoints. At the final evaluation the
+final weights are offered first (evaluated as they are, for their metric), then the evaluated
+model is the uniform average of the kept checkpoints — so ``n: 1, mode: last`` evaluates exactly
+the final weights, and with ``mode: best`` the final weights are a candidate.
 
 Parameters (grid):
 
@@ -15,10 +18,11 @@ Parameters (grid):
   metric the loop passes (direction set by the loop: loss lower, accuracy higher); a NaN, infinite
   or missing metric is rejected, so a diverged checkpoint never enters the average
   (super-gradients ``ModelWeightAveraging``). ``last`` keeps a FIFO of the N latest.
-- ``recompute_bn`` (bool, default true): recompute BatchNorm statistics on the averaged weights
-  (precise BN) before evaluating. Averaged running statistics are *not* the statistics of the
-  averaged weights (the averaged network's activations differ from each checkpoint's), so without
-  recomputation BN models are evaluated with mismatched statistics. :func:`has_batchnorm_stats`
+- ``recompute_bn`` (bool, default true; only on tasks whose model has BatchNorm): recompute
+  BatchNorm statistics on the averaged weights (precise BN) before evaluating. Averaged running
+  statistics are *not* the statistics of the averaged weights (the averaged network's activations
+  differ from each checkpoint's), so without recomputation BN models are evaluated with mismatched
+  statistics. :func:`has_batchnorm_stats`
   tells the loop whether there is anything to recompute.
 
 Cost: N copies of the state dict in CPU memory; a device→CPU copy per accepted checkpoint; one
@@ -46,11 +50,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, CheckContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "CheckpointAverager", "average_state_dicts", "cpu_clone", "has_batchnorm_stats"]
+__all__ = ["CARD", "CheckpointAverager", "average_state_dicts", "build", "cpu_clone", "has_batchnorm_stats"]
 
 MODES = ("best", "last")
 
@@ -122,14 +126,17 @@ class CheckpointAverager:
     Kept checkpoints are stored in offer order, so "the last state dict" is the most recent one.
     """
 
-    def __init__(self, n: int, mode: str = "best", higher_is_better: bool = False) -> None:
+    def __init__(self, n: int, mode: str = "best", higher_is_better: bool = False, recompute_bn: bool = True) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: {n!r} is not allowed; allowed: an integer ≥ 1")
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not allowed; allowed: one of {', '.join(MODES)}")
         if not isinstance(higher_is_better, bool):
             raise ValueError(f"higher_is_better: {higher_is_better!r} is not allowed; allowed: true/false")
+        if not isinstance(recompute_bn, bool):
+            raise ValueError(f"recompute_bn: {recompute_bn!r} is not allowed; allowed: true/false")
         self.n, self.mode, self.higher_is_better = n, mode, higher_is_better
+        self.recompute_bn = recompute_bn
         # Each entry: {"state": CPU state dict, "metric": float | None, "step": int}, in offer order.
         self._entries: list[dict[str, Any]] = []
 
@@ -188,6 +195,23 @@ class CheckpointAverager:
         """Metrics of the kept checkpoints, in offer order."""
         return [e["metric"] for e in self._entries]
 
+    # --- the loop's "evaluated_weights" role (tricks.binding.EvaluatedWeights) ---------------
+    takes_candidates = True
+
+    def after_step(self, model: nn.Module, samples_seen: int) -> None:
+        """Checkpoints are chosen at evaluations, not per step: nothing to do."""
+
+    def candidate(self, model: nn.Module, metric: float | None, step: int) -> None:
+        """Offer the training weights and their metric (every evaluation, the final one included)."""
+        self.offer(model.state_dict(), metric, step)
+
+    def weights(self, model: nn.Module, final: bool) -> tuple[nn.Module | dict[str, Tensor], bool]:
+        """At the final evaluation the average of the kept checkpoints (BN recomputed if ``recompute_bn``);
+        before it, and when nothing was kept (every metric non-finite), the training weights."""
+        if final and self._entries:
+            return self.average(), self.recompute_bn
+        return model, False
+
     def state_dict(self) -> dict[str, Any]:
         """Configuration and kept checkpoints (tensors by reference); ``weights_only``-safe."""
         return {
@@ -212,6 +236,33 @@ class CheckpointAverager:
 # ----------------------------------------------------------------------------------------------
 # Card
 
+
+def build(settings: Settings, context: BuildContext) -> CheckpointAverager:
+    """The run's checkpoint keeper; ranks by the task's metric in the task's direction."""
+    return CheckpointAverager(
+        settings["n"],
+        settings["mode"],
+        higher_is_better=context.higher_is_better,
+        recompute_bn=settings.get("recompute_bn", False),  # no BatchNorm: nothing to recompute
+    )
+
+
+def _check(settings: Any, context: CheckContext) -> list[str]:
+    n = settings["n"]
+    if n == 1 and settings["mode"] == "last" and not settings.get("recompute_bn", False):
+        return [
+            "n: 1 with mode 'last' and no BatchNorm recomputation evaluates the final weights unchanged (the trick "
+            "switched off); allowed: n ≥ 2, or mode 'best'"
+        ]
+    if n > context.evaluations:
+        return [
+            f"n: {n} exceeds the run's {context.evaluations} evaluations (the checkpoints it chooses from: "
+            "train.budget_samples / train.eval_every_samples, and the final one), so it would average all of them "
+            f"as n: {context.evaluations} does; allowed: 1 to {context.evaluations}, or evaluate more often"
+        ]
+    return []
+
+
 CARD = TrickCard(
     name="checkpoint_averaging",
     summary="Evaluate the uniform average of the N best (or last) checkpoints instead of the final one.",
@@ -228,7 +279,8 @@ CARD = TrickCard(
             bool,
             True,
             "Recompute BatchNorm statistics on the averaged weights (precise BN): averaged statistics are not the "
-            "statistics of the averaged weights.",
+            "statistics of the averaged weights. Only on tasks whose model has BatchNorm statistics.",
+            needs="batchnorm",
         ),
     ),
     cost="N state dicts in CPU memory, one device-to-CPU copy per kept checkpoint, a precise-BN pass at the end.",
@@ -238,7 +290,9 @@ CARD = TrickCard(
         "huggingface/pytorch-image-models:avg_checkpoints.py (float64 accumulation)",
         "arXiv:1803.05407 (SWA; BN statistics of averaged weights)",
     ),
-    level="loop",
+    role="evaluated_weights",
+    build=build,
+    check=_check,
     tiny_setting={"n": 2},
     incompatible=("ema", "periodic_averaging", "posthoc_ema"),
 )

@@ -47,9 +47,10 @@ import math
 import torch
 from torch import Tensor
 
-from tricks.card import Param, TrickCard
+from tricks._checks import check_generator
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "CondDropout", "apply_dropout", "dropout_mask", "guided", "joint_masks", "with_indicator"]
+__all__ = ["CARD", "CondDropout", "apply_dropout", "build", "dropout_mask", "guided", "joint_masks", "with_indicator"]
 
 
 def _check_p(name: str, p: float, high: float = 1.0) -> float:
@@ -73,6 +74,7 @@ def dropout_mask(
     """
     _check_batch(batch_size)
     p = _check_p("p", p)
+    check_generator(generator)
     u = torch.rand(batch_size, generator=generator, device=generator.device)
     return (u < p).to(device if device is not None else u.device)
 
@@ -184,7 +186,7 @@ def joint_masks(
         raise ValueError(f"num_inputs: {num_inputs!r} is not allowed; allowed: an integer ≥ 1")
     k = num_inputs
     p_each = _check_p("p_each", p_each)
-    dev = generator.device
+    dev = check_generator(generator).device
     if p_all is None:
         return torch.rand(batch_size, k, generator=generator, device=dev) < p_each
     p_all = _check_p("p_all", p_all)
@@ -228,26 +230,57 @@ def guided(cond_pred: Tensor, uncond_pred: Tensor, guidance_weight: float) -> Te
 
 
 class CondDropout:
-    """Conditioning dropout as a callable: ``(cond, mask) = CondDropout(p, null)(cond, generator)``.
+    """Conditioning dropout and guidance: ``(cond, mask) = CondDropout(p, null)(cond, generator)``.
 
-    Calls :func:`dropout_mask`, :func:`apply_dropout` and (with ``indicator``)
-    :func:`with_indicator`. Configuration only (no mutable state).
+    Training: calls :func:`dropout_mask`, :func:`apply_dropout` and (with ``indicator``)
+    :func:`with_indicator`; the null value is the constructor's or the one given per call (a
+    task's null row). Sampling: :meth:`guide` is :func:`guided` with ``guidance_weight``.
+    Configuration only (no mutable state).
     """
 
-    def __init__(self, p: float, null_value: float | int | Tensor, indicator: bool = False) -> None:
+    def __init__(
+        self,
+        p: float,
+        null_value: float | int | Tensor | None = None,
+        indicator: bool = False,
+        guidance_weight: float = 0.0,
+    ) -> None:
         self.p = _check_p("p", p)
         self.null_value = null_value
         self.indicator = bool(indicator)
+        w = guidance_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"guidance_weight: {w!r} is not allowed; allowed: a finite number")
+        self.guidance_weight = float(w)
 
-    def __call__(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, cond: Tensor, generator: torch.Generator, null_value: float | int | Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        null = self.null_value if null_value is None else null_value
+        if null is None:
+            raise ValueError(
+                "null_value: None is not allowed; allowed: the null condition (here or in the constructor)"
+            )
         mask = dropout_mask(cond.shape[0], self.p, generator=generator, device=cond.device)
-        out = apply_dropout(cond, mask, self.null_value)
+        out = apply_dropout(cond, mask, null)
         if self.indicator:
             out = with_indicator(out, mask)
         return out, mask
 
+    def guide(self, cond_pred: Tensor, uncond_pred: Tensor) -> Tensor:
+        """Classifier-free guidance of a sampling step with this trick's ``guidance_weight``."""
+        return guided(cond_pred, uncond_pred, self.guidance_weight)
+
     def __repr__(self) -> str:
-        return f"CondDropout(p={self.p}, null_value={self.null_value!r}, indicator={self.indicator})"
+        return (
+            f"CondDropout(p={self.p}, null_value={self.null_value!r}, indicator={self.indicator}, "
+            f"guidance_weight={self.guidance_weight})"
+        )
+
+
+def build(settings: Settings, context: BuildContext) -> CondDropout:
+    """The task's dropper (the task gives its null condition per call) and guidance at sampling."""
+    return CondDropout(settings["p"], guidance_weight=settings["guidance_weight"])
 
 
 CARD = TrickCard(
@@ -260,7 +293,15 @@ CARD = TrickCard(
     ),
     params=(
         Param(
-            "p", float, 0.1, "Probability of dropping a sample's conditioning.", "probability", 0.0, 1.0, high_open=True
+            "p",
+            float,
+            0.1,
+            "Probability of dropping a sample's conditioning (0 would leave training unchanged).",
+            "probability",
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
         ),
         Param("guidance_weight", float, 1.0, "Guidance weight w at sampling time (0 = no guidance).", low=0.0),
     ),
@@ -273,7 +314,8 @@ CARD = TrickCard(
         "pytorch/torchtitan#1259 (compounding droppers)",
         "lucidrains/DALLE2-pytorch#144 (mask never applied)",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"p": 0.2, "guidance_weight": 1.0},
     incompatible=(),
 )

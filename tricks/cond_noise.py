@@ -47,9 +47,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks._checks import check_generator
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "ConditioningNoise", "noise_augment", "sensitivity"]
+__all__ = ["CARD", "ConditioningNoise", "build", "noise_augment", "sensitivity"]
 
 
 def _check_std(name: str, std: float) -> float:
@@ -77,6 +78,7 @@ def noise_augment(
     """
     _check_cond(cond)
     std = _check_std("std", std)
+    check_generator(generator)
     n = cond.shape[0]
     if std == 0.0:
         return cond, torch.zeros(n, dtype=cond.dtype, device=cond.device)
@@ -126,6 +128,22 @@ class ConditioningNoise(nn.Module):
             out, sigma = noise_augment(cond, self.inference_std, generator=fixed)
         return (out, sigma[:, None]) if self.return_std else out
 
+    def augment(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Training: ``(noisy cond, σ (N, 1) or None)`` — the level column only with ``return_std``.
+
+        Call in the task's ``batch`` code with the run's named stream; the module's mode is ignored.
+        """
+        out, sigma = noise_augment(cond, self.std, generator=generator, random_std=self.random_std)
+        return out, (sigma[:, None] if self.return_std else None)
+
+    def at_inference(self, cond: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Evaluation/sampling: ``cond`` with the fixed ``inference_std`` noise (none at 0, and then
+        ``generator`` is not used), and the level column (all ``inference_std``) with ``return_std``."""
+        out = cond
+        if self.inference_std > 0:
+            out, _ = noise_augment(cond, self.inference_std, generator=generator)
+        return out, (cond.new_full((len(cond), 1), self.inference_std) if self.return_std else None)
+
     def extra_repr(self) -> str:
         return (
             f"std={self.std}, random_std={self.random_std}, inference_std={self.inference_std}, "
@@ -152,8 +170,9 @@ def sensitivity(
     _check_cond(cond)
     if _check_std("eps", eps) == 0.0:
         raise ValueError("eps: 0 is not allowed; allowed: a finite number > 0")
-    if n_draws < 1:
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
         raise ValueError(f"n_draws: {n_draws!r} is not allowed; allowed: an integer ≥ 1")
+    check_generator(generator)
     base = model_fn(cond)
     total = 0.0
     for _ in range(n_draws):
@@ -161,6 +180,17 @@ def sensitivity(
         diff = (model_fn(cond + eps * u) - base).flatten(1)
         total += diff.norm(dim=1).mean().item() / eps
     return total / n_draws
+
+
+def build(settings: Settings, context: BuildContext) -> ConditioningNoise:
+    """The task's conditioning noise (training noise with :meth:`~ConditioningNoise.augment`, fixed
+    inference noise with :meth:`~ConditioningNoise.at_inference`)."""
+    return ConditioningNoise(
+        settings["std"],
+        random_std=settings["random_std"],
+        inference_std=settings["inference_std"],
+        return_std=settings["return_std"],
+    )
 
 
 CARD = TrickCard(
@@ -173,7 +203,13 @@ CARD = TrickCard(
     ),
     params=(
         Param(
-            "std", float, 0.1, "Training noise std (max of the range with random_std).", "conditioning units", low=0.0
+            "std",
+            float,
+            0.1,
+            "Training noise std (max of the range with random_std); 0 would be the trick switched off.",
+            "conditioning units",
+            low=0.0,
+            low_open=True,
         ),
         Param("random_std", bool, False, "Draw σ_i ~ U(0, std) per sample instead of a fixed level."),
         Param("inference_std", float, 0.0, "Fixed noise std at evaluation/sampling.", "conditioning units", low=0.0),
@@ -185,7 +221,8 @@ CARD = TrickCard(
         "Ho et al. 2021, Cascaded Diffusion Models, arXiv 2106.15282 (conditioning augmentation)",
         "lucidrains/imagen-pytorch:imagen_pytorch/imagen_pytorch.py (lowres_noise_schedule)",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"std": 0.1},
     incompatible=(),
 )

@@ -62,11 +62,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
 __all__ = [
     "CARD",
     "EMA",
+    "build",
     "decay_from_half_life",
     "ema_update_",
     "has_running_stats",
@@ -87,10 +88,15 @@ def decay_from_half_life(half_life_samples: float, samples_per_update: float) ->
     between two EMA updates (the effective batch size when updating every optimizer step).
     Two updates of interval s decay old weights exactly as much as one of interval 2s.
     """
-    if not (isinstance(half_life_samples, (int, float)) and math.isfinite(half_life_samples) and half_life_samples > 0):
+    if isinstance(half_life_samples, bool) or not (
+        isinstance(half_life_samples, (int, float)) and math.isfinite(half_life_samples) and half_life_samples > 0
+    ):
         raise ValueError(f"half_life_samples: {half_life_samples!r} is not allowed; allowed: a finite number > 0")
     if not (
-        isinstance(samples_per_update, (int, float)) and math.isfinite(samples_per_update) and samples_per_update > 0
+        not isinstance(samples_per_update, bool)
+        and isinstance(samples_per_update, (int, float))
+        and math.isfinite(samples_per_update)
+        and samples_per_update > 0
     ):
         raise ValueError(f"samples_per_update: {samples_per_update!r} is not allowed; allowed: a finite number > 0")
     return 2.0 ** (-float(samples_per_update) / float(half_life_samples))
@@ -272,6 +278,20 @@ class EMA:
             for t, s in zip(params + bufs, saved):
                 t.detach().copy_(s)
 
+    # --- the loop's "evaluated_weights" role (tricks.binding.EvaluatedWeights) ---------------
+    takes_candidates = False
+
+    def after_step(self, model: nn.Module, samples_seen: int) -> None:
+        """Once per optimizer step: :meth:`update`."""
+        self.update(model)
+
+    def candidate(self, model: nn.Module, metric: float | None, step: int) -> None:
+        """The EMA does not choose among evaluated checkpoints: nothing to do."""
+
+    def weights(self, model: nn.Module, final: bool) -> tuple[nn.Module, bool]:
+        """The EMA copy, and whether its BatchNorm statistics must be recomputed (``buffers: recompute``)."""
+        return self.module, self.needs_bn_recompute
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors (the EMA module's state, by reference) and plain Python; ``weights_only``-safe."""
         return {
@@ -293,6 +313,20 @@ class EMA:
 
 # ----------------------------------------------------------------------------------------------
 # Card
+
+
+def build(settings: Settings, context: BuildContext) -> EMA:
+    """The run's EMA of ``context.model``, updated every optimizer step of ``samples_per_step`` samples."""
+    if context.model is None or context.samples_per_step is None:
+        raise ValueError("ema: build needs the model and samples_per_step (the loop builds it)")
+    return EMA(
+        context.model,
+        half_life_samples=settings["half_life_samples"],
+        samples_per_update=context.samples_per_step,
+        warmup=settings["warmup"],
+        buffers=settings.get("buffers", "copy"),  # no BatchNorm: buffers are constants, copying is exact
+    )
+
 
 CARD = TrickCard(
     name="ema",
@@ -318,8 +352,9 @@ CARD = TrickCard(
             str,
             "copy",
             "Buffers (BN statistics): copy from the model, average floating ones, or copy and recompute with "
-            "precise BN before evaluation.",
+            "precise BN before evaluation. Only on tasks whose model has BatchNorm statistics.",
             choices=BUFFER_POLICIES,
+            needs="batchnorm",
         ),
     ),
     cost="One extra copy of the weights on the device; one fused lerp per optimizer step; recompute adds a "
@@ -333,7 +368,8 @@ CARD = TrickCard(
         "mosaicml/composer:composer/algorithms/ema/ema.py (half-life corrected for the update interval)",
         "NVlabs/edm:training/training_loop.py (ema_halflife_kimg)",
     ),
-    level="loop",
+    role="evaluated_weights",
+    build=build,
     tiny_setting={"half_life_samples": 64.0},
     incompatible=("periodic_averaging", "posthoc_ema", "checkpoint_averaging"),
 )

@@ -46,6 +46,7 @@ if it was trained on normalised inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -53,9 +54,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "REDUCE_DIMS", "FeatureMatchingLoss", "consumer_layers", "feature_matching_loss"]
+__all__ = ["CARD", "REDUCE_DIMS", "FeatureMatchingLoss", "build", "consumer_layers", "feature_matching_loss"]
 
 REDUCE_DIMS: dict[str, tuple[int, ...]] = {"batch_spatial": (0, 2, 3), "spatial": (2, 3)}
 
@@ -172,6 +173,16 @@ class FeatureMatchingLoss(nn.Module):
         return f"n_layers={self.n_layers}, reduce_dims={self.reduce_dims}, weight={self.weight}, p={self.p}"
 
 
+def build(settings: Settings, context: BuildContext) -> functools.partial[FeatureMatchingLoss]:
+    """The task's loss factory: ``factory(consumer)`` → :class:`FeatureMatchingLoss` on the task's frozen consumer."""
+    return functools.partial(
+        FeatureMatchingLoss,
+        n_layers=settings["n_layers"],
+        reduce_dims=REDUCE_DIMS[settings["reduce"]],
+        weight=settings["weight"],
+    )
+
+
 CARD = TrickCard(
     name="feature_matching",
     summary="Add weight·|mean features(x_pred) − mean features(x)| over the first layers of a frozen consumer.",
@@ -181,7 +192,15 @@ CARD = TrickCard(
         "distance between feature means (over batch and space, or space only) of the prediction and the target."
     ),
     params=(
-        Param("weight", float, 0.1, "Weight of the feature matching term.", "loss weight", low=0.0),
+        Param(
+            "weight",
+            float,
+            0.1,
+            "Weight of the feature matching term (0 would be the trick switched off).",
+            "loss weight",
+            low=0.0,
+            low_open=True,
+        ),
         Param("n_layers", int, 2, "Leading consumer layers to match.", "layers", low=1),
         Param(
             "reduce",
@@ -197,7 +216,8 @@ CARD = TrickCard(
         "Salimans et al. 2016, Improved Techniques for Training GANs, arXiv 1606.03498",
         "torchgan/torchgan:torchgan/losses/featurematching.py (FeatureMatchingGeneratorLoss, per sample)",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"n_layers": 1, "weight": 0.1},
     incompatible=(),
 )

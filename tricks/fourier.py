@@ -43,17 +43,20 @@ encoding); k-diffusion ``k_diffusion/layers.py`` (``FourierFeatures``); EDM
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, CheckContext, Param, Settings, TrickCard
 
 __all__ = [
     "CARD",
     "KINDS",
     "FourierFeatures",
+    "build",
     "fourier_encode",
     "gaussian_frequencies",
     "log_spaced_frequencies",
@@ -236,6 +239,19 @@ class FourierFeatures(nn.Module):
         )
 
 
+def build(settings: Settings, context: BuildContext) -> functools.partial[FourierFeatures]:
+    """The task's layer factory: ``factory(in_features, generator=g)`` → :class:`FourierFeatures`."""
+    return functools.partial(
+        FourierFeatures, num_features=settings["num_features"], kind=settings["kind"], scale=settings["scale"]
+    )
+
+
+def _check(settings: Any, context: CheckContext) -> list[str]:
+    if settings["num_features"] % 2:
+        return [f"num_features: {settings['num_features']} is not allowed; allowed: an even number (sin/cos pairs)"]
+    return []
+
+
 CARD = TrickCard(
     name="fourier_features",
     summary="Encode scalar inputs (noise level, timestep, coordinate) as sin/cos of many frequencies.",
@@ -264,7 +280,9 @@ CARD = TrickCard(
         "NVlabs/edm2:training/networks_edm2.py (MPFourier)",
         "Mildenhall et al. 2020, NeRF (positional encoding)",
     ),
-    level="task",
+    role="task",
+    build=build,
+    check=_check,
     tiny_setting={"num_features": 8},
     incompatible=(),
 )

@@ -53,9 +53,18 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from tricks.card import TrickCard
+from tricks.card import BuildContext, CheckContext, Settings, TrickCard
 
-__all__ = ["CARD", "NORM_TYPES", "grouping_summary", "is_norm_module", "param_groups", "split_parameter_names"]
+__all__ = [
+    "CARD",
+    "NORM_TYPES",
+    "ZeroDecayGroups",
+    "build",
+    "grouping_summary",
+    "is_norm_module",
+    "param_groups",
+    "split_parameter_names",
+]
 
 # Type-based detection first (exact); a class-name rule below catches user/timm norms.
 NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
@@ -206,6 +215,28 @@ def grouping_summary(model: nn.Module, *, extra_no_decay: Collection[str] = ()) 
     return "\n".join(lines)
 
 
+class ZeroDecayGroups:
+    """The loop's ``optimizer_groups`` role: :func:`param_groups` (decay / zero decay) for the optimizer."""
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Called once, building the optimizer."""
+        return param_groups(model, weight_decay)
+
+    def __repr__(self) -> str:
+        return "ZeroDecayGroups()"
+
+
+def build(settings: Settings, context: BuildContext) -> ZeroDecayGroups:
+    """The run's parameter grouping (the trick has no settings)."""
+    return ZeroDecayGroups()
+
+
+def _check(settings: Any, context: CheckContext) -> list[str]:
+    if not context.train["weight_decay"]:
+        return ["has no effect: train.weight_decay is 0, so there is no decay to exclude; allowed: weight_decay > 0"]
+    return []
+
+
 CARD = TrickCard(
     name="no_weight_decay",
     summary="Exclude normalization parameters and biases from weight decay.",
@@ -222,7 +253,9 @@ CARD = TrickCard(
         "karpathy/nanoGPT:model.py (configure_optimizers)",
         "facebookresearch/deit#39 (exclusion skipped on a wrapped model)",
     ),
-    level="loop",
+    role="optimizer_groups",
+    build=build,
+    check=_check,
     tiny_setting={},
     incompatible=(),
 )

@@ -64,6 +64,7 @@ Incompatibilities: ``rot90`` needs square images. Datasets whose labels depend o
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -72,7 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tricks.card import Param, TrickCard
+from tricks._checks import check_generator
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
 __all__ = [
     "CARD",
@@ -81,6 +83,7 @@ __all__ = [
     "NonLeakyAugment",
     "augment_images",
     "augment_points",
+    "build",
     "invert_images",
     "invert_points",
     "label_dim",
@@ -127,9 +130,17 @@ def _check_ops(ops: Sequence[str], kind: str) -> tuple[str, ...]:
 def _check_params(p: float, max_translate: float, max_log2_scale: float) -> None:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p: {p!r} is not allowed; allowed: a number in [0, 1]")
-    if not isinstance(max_translate, (int, float)) or not 0.0 <= max_translate <= 0.5:
+    if (
+        isinstance(max_translate, bool)
+        or not isinstance(max_translate, (int, float))
+        or not 0.0 <= max_translate <= 0.5
+    ):
         raise ValueError(f"max_translate: {max_translate!r} is not allowed; allowed: a number in [0, 0.5]")
-    if not isinstance(max_log2_scale, (int, float)) or not 0.0 <= max_log2_scale < math.inf:
+    if (
+        isinstance(max_log2_scale, bool)
+        or not isinstance(max_log2_scale, (int, float))
+        or not 0.0 <= max_log2_scale < math.inf
+    ):
         raise ValueError(f"max_log2_scale: {max_log2_scale!r} is not allowed; allowed: a finite number ≥ 0")
 
 
@@ -178,7 +189,7 @@ def _draw(
     max_log2_scale: float,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Per canonical op: (applied bool (N,), parameters with identity where not applied), float64."""
-    dev = generator.device
+    dev = check_generator(generator).device
     draws: dict[str, tuple[Tensor, Tensor | None]] = {}
     for op in _CANONICAL[kind]:
         applied = torch.rand(n, generator=generator, device=dev) < p
@@ -497,6 +508,16 @@ class NonLeakyAugment:
         )
 
 
+def build(settings: Settings, context: BuildContext) -> functools.partial[NonLeakyAugment]:
+    """The task's pipeline factory: ``factory(kind="points")`` → :class:`NonLeakyAugment`."""
+    return functools.partial(
+        NonLeakyAugment,
+        settings["p"],
+        max_translate=settings["max_translate"],
+        max_log2_scale=settings["max_log2_scale"],
+    )
+
+
 CARD = TrickCard(
     name="nonleaky_augmentation",
     summary="Geometric augmentation with the transform's parameters fed to the network as labels (EDM-style).",
@@ -507,7 +528,16 @@ CARD = TrickCard(
         "labels = 0 against the clean distribution."
     ),
     params=(
-        Param("p", float, 0.5, "Probability per op and sample.", "probability", low=0.0, high=1.0),
+        Param(
+            "p",
+            float,
+            0.5,
+            "Probability per op and sample (0 would be the trick switched off).",
+            "probability",
+            low=0.0,
+            high=1.0,
+            low_open=True,
+        ),
         Param(
             "max_translate",
             float,
@@ -527,7 +557,8 @@ CARD = TrickCard(
         "crowsonkb/k-diffusion:k_diffusion/augmentation.py (KarrasAugmentationPipeline)",
         "NVlabs/edm#17 (leakage)",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"p": 0.5},
     incompatible=(),
 )

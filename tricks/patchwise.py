@@ -48,16 +48,19 @@ lose absolute position; Patch-Diffusion feeds the crop coordinates as two extra 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from tricks.card import Param, TrickCard
+from tricks._checks import check_generator
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
 __all__ = [
     "CARD",
     "PatchSchedule",
+    "build",
     "patch_batch",
     "patch_coords",
     "patch_size_at",
@@ -92,6 +95,7 @@ def _crop_at(images: Tensor, source: Tensor, top: Tensor, left: Tensor, patch_si
 def _offsets(m: int, h: int, w: int, patch_size: int, generator: torch.Generator, device: torch.device) -> Tensor:
     # Draw on the generator's device (torch requires it), then move: the stream stays the
     # same whatever device the images live on.
+    check_generator(generator)
     top = torch.randint(0, h - patch_size + 1, (m,), generator=generator, device=generator.device)
     left = torch.randint(0, w - patch_size + 1, (m,), generator=generator, device=generator.device)
     return torch.stack([top, left], dim=1).to(device)
@@ -152,6 +156,8 @@ def patch_coords(offsets: Tensor, patch_size: int, full_size: int) -> Tensor:
     The coordinates are those of the pixel in the *full* image, so full images get the plain
     grid and a patch gets exactly the crop of it. Concatenate to the patch channels if wanted.
     """
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size: {patch_size!r} is not allowed; allowed: a positive integer")
     if offsets.ndim != 2 or offsets.shape[1] != 2:
         raise ValueError(f"offsets: shape {tuple(offsets.shape)} is not allowed; allowed: (M, 2) as (top, left)")
     if full_size < 2 or patch_size > full_size:
@@ -213,6 +219,7 @@ def patch_size_at(
     if not sizes or progress >= patch_end:
         return full_size
     if generator is not None:
+        check_generator(generator)
         i = int(torch.randint(0, len(sizes), (1,), generator=generator, device=generator.device).item())
         return sizes[i]
     return sizes[min(int(progress / patch_end * len(sizes)), len(sizes) - 1)]
@@ -246,6 +253,11 @@ class PatchSchedule:
         )
 
 
+def build(settings: Settings, context: BuildContext) -> functools.partial[PatchSchedule]:
+    """The task's schedule factory: call it with the full image side, ``schedule(full_size=32)``."""
+    return functools.partial(PatchSchedule.from_card, settings["min_patch"], settings["full_fraction"])
+
+
 CARD = TrickCard(
     name="patchwise",
     summary="Train on random crops (more of them per image for small patches), finish on full images.",
@@ -268,10 +280,11 @@ CARD = TrickCard(
             "full_fraction",
             float,
             0.25,
-            "Final fraction of the sample budget trained on full images.",
+            "Final fraction of the sample budget trained on full images (1 would be the trick switched off).",
             "fraction of budget",
             low=0.0,
             high=1.0,
+            high_open=True,
         ),
     ),
     cost="Equal pixels per step; one gather of the batch per step. Wall time per sample roughly unchanged or lower.",
@@ -282,7 +295,8 @@ CARD = TrickCard(
         "Zhendong-Wang/Patch-Diffusion:training/patch_loss.py",
         "mosaicml/composer:composer/algorithms/progressive_resizing (mode='crop')",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"min_patch": 8, "full_fraction": 0.5},
     incompatible=(),
 )

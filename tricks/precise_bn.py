@@ -63,9 +63,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "PreciseBN", "bn_modules", "recompute_bn_stats"]
+__all__ = ["CARD", "PreciseBN", "bn_modules", "build", "recompute_bn_stats"]
 
 
 def bn_modules(model: nn.Module) -> list[_BatchNorm]:
@@ -257,6 +257,24 @@ class PreciseBN:
             model, batches, self.num_batches, self.forward_fn, eval_other_modules=self.eval_other_modules
         )
 
+    def recalibrate(
+        self, model: nn.Module, batches: Iterable[Any], forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    ) -> int:
+        """The loop's ``bn_statistics`` role: recalibrate before an evaluation, calling the model with
+        ``forward_fn`` (the task's ``bn_forward``; default: this object's). Returns the samples used."""
+        return recompute_bn_stats(
+            model,
+            batches,
+            self.num_batches,
+            forward_fn if forward_fn is not None else self.forward_fn,
+            eval_other_modules=self.eval_other_modules,
+        )
+
+
+def build(settings: Settings, context: BuildContext) -> PreciseBN:
+    """The run's BatchNorm recalibration (the loop passes the task's batches and forward function)."""
+    return PreciseBN(settings["num_batches"])
+
 
 CARD = TrickCard(
     name="precise_bn",
@@ -282,7 +300,8 @@ CARD = TrickCard(
         "facebookresearch/fvcore:fvcore/nn/precise_bn.py",
         "pytorch/pytorch:torch/optim/swa_utils.py (update_bn, a weaker estimator)",
     ),
-    level="loop",
+    role="bn_statistics",
+    build=build,
     tiny_setting={"num_batches": 2},
     incompatible=(),
 )

@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, Param, Settings, TrickCard
 
-__all__ = ["CARD", "ReplayBuffer", "priority_probabilities", "ring_positions"]
+__all__ = ["CARD", "ReplayBuffer", "build", "priority_probabilities", "ring_positions"]
 
 _RESERVED = ("index", "weight")
 
@@ -332,6 +332,14 @@ class ReplayBuffer:
             self._priorities[:size] = state["priorities"].to(torch.float64)
 
 
+def build(settings: Settings, context: BuildContext) -> ReplayBuffer:
+    """The task's buffer (the task extends it with its stream and samples its batches from it)."""
+    prioritized = settings["prioritized"]
+    if not prioritized:
+        return ReplayBuffer(settings["capacity"])
+    return ReplayBuffer(settings["capacity"], prioritized=True, alpha=settings["alpha"], beta=settings["beta"])
+
+
 CARD = TrickCard(
     name="replay_buffer",
     summary="Train on batches sampled from a FIFO memory of the last `capacity` items of a non-i.i.d. stream.",
@@ -341,8 +349,24 @@ CARD = TrickCard(
     params=(
         Param("capacity", int, 10000, "items kept (FIFO)", unit="items", low=1),
         Param("prioritized", bool, False, "prioritized experience replay: P(i) ∝ p_i^alpha"),
-        Param("alpha", float, 0.6, "priority exponent (0 = uniform); used when prioritized", low=0.0),
-        Param("beta", float, 0.4, "importance-weight exponent (1 = full bias correction)", low=0.0, high=1.0),
+        Param(
+            "alpha",
+            float,
+            0.6,
+            "priority exponent (0 = uniform); only with prioritized: true",
+            low=0.0,
+            only_if=("prioritized", True),
+        ),
+        Param(
+            "beta",
+            float,
+            0.4,
+            "importance-weight exponent at the start (annealed to 1 over the budget; 1 = full bias correction); "
+            "only with prioritized: true",
+            low=0.0,
+            high=1.0,
+            only_if=("prioritized", True),
+        ),
     ),
     cost="memory capacity × item size; a gather of batch_size items per step (prioritized: O(capacity))",
     effect="lower correlation between consecutive training samples (less forgetting on sorted streams, "
@@ -353,7 +377,8 @@ CARD = TrickCard(
         "pytorch/rl#2205, #2211 (priorities transformed twice)",
         "Mnih et al. 2015, DQN (uniform replay)",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={"capacity": 64},
     incompatible=(),
 )

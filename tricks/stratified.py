@@ -54,11 +54,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tricks.card import TrickCard
+from tricks.card import BuildContext, Settings, TrickCard
 
 __all__ = [
     "CARD",
+    "StepStratifier",
     "StratifiedSampler",
+    "build",
     "iid_uniform",
     "stratified_uniform",
     "stratified_uniform_accumulated",
@@ -105,10 +107,34 @@ def stratified_uniform(
     _check_positive_int("n", n)
     _check_dtype(dtype)
     gdev = _gen_device(generator)
-    perm = torch.randperm(n, generator=generator, device=gdev).to(torch.float64)
+    perm = torch.randperm(n, generator=generator, device=gdev)
     jitter = torch.rand(n, generator=generator, device=gdev, dtype=torch.float64)
-    u = ((perm + jitter) / n).to(device=device, dtype=dtype)
-    return _below_one(u)
+    u = _in_strata((perm.to(torch.float64) + jitter) / n, perm, n, dtype)
+    return u.to(device=device)
+
+
+def _in_strata(u64: Tensor, strata: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """``u64`` cast to ``dtype`` with every value kept inside its stratum ``[s/n, (s+1)/n)`` and below 1.
+
+    Rounding to a narrower float can carry a value just below a stratum's upper edge onto the
+    edge (float32: about one draw in 75 at n = 1000, every draw at n ≥ 65536), putting two values
+    in one stratum. Such values are moved back one representable step at a time
+    (``torch.nextafter``). Raises when ``dtype`` cannot represent a value inside every stratum.
+    """
+    u = _below_one(u64.to(dtype))
+    if dtype == torch.float64:
+        return u
+    for _ in range(4):
+        k = torch.floor(u.to(torch.float64) * n).to(strata.dtype)
+        high, low = k > strata, k < strata
+        if not (high.any() or low.any()):
+            return u
+        u = torch.where(high, torch.nextafter(u, torch.zeros_like(u)), u)
+        u = torch.where(low, torch.nextafter(u, torch.ones_like(u)), u)
+    raise ValueError(
+        f"n: {n} is not allowed with dtype {dtype}; allowed: a smaller n, or dtype=torch.float64 (strata of width "
+        f"1/{n} are too narrow for {dtype} to hold one value each)"
+    )
 
 
 def iid_uniform(
@@ -283,6 +309,40 @@ class StratifiedSampler:
         return f"StratifiedSampler({self.kind!r}{args}, stratified={self.stratified})"
 
 
+class StepStratifier:
+    """The trick's object for tasks: stratified uniforms over a whole optimizer step.
+
+    ``uniform(n, generator=g)`` is :func:`stratified_uniform`; with ``micro_batches=k,
+    micro_index=i`` it is :func:`stratified_uniform_accumulated` (the same generator state for
+    every micro-batch of a step). Configuration only.
+    """
+
+    def uniform(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator,
+        micro_batches: int = 1,
+        micro_index: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """``n`` stratified values in [0, 1) (this micro-batch's share of one draw over the step)."""
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator: {generator!r} is not allowed; allowed: a torch.Generator")
+        return stratified_uniform_accumulated(
+            n, micro_batches, micro_index, generator=generator, device=device, dtype=dtype
+        )
+
+    def __repr__(self) -> str:
+        return "StepStratifier()"
+
+
+def build(settings: Settings, context: BuildContext) -> StepStratifier:
+    """The task's stratifier (the trick has no settings)."""
+    return StepStratifier()
+
+
 CARD = TrickCard(
     name="stratified_sampling",
     summary="Draw per-sample random numbers (noise levels, timesteps) one per stratum of [0,1), shuffled.",
@@ -298,7 +358,8 @@ CARD = TrickCard(
         "Karras et al. 2022, EDM (log-normal noise levels), arXiv:2206.00364",
         "Kingma et al. 2021, Variational Diffusion Models (low-discrepancy sampler), arXiv:2107.00630",
     ),
-    level="task",
+    role="task",
+    build=build,
     tiny_setting={},
     incompatible=(),
 )

@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tricks.card import Param, TrickCard
+from tricks.card import BuildContext, CheckContext, Param, Settings, TrickCard
 from tricks.checkpoint_averaging import average_state_dicts, cpu_clone
 from tricks.ema import ema_update_
 
@@ -81,6 +81,8 @@ __all__ = [
     "POSTHOC_CARD",
     "PeriodicAverager",
     "PostHocEMA",
+    "build_periodic",
+    "build_posthoc",
     "gamma_to_sigma_rel",
     "power_ema_beta",
     "power_function_correlation",
@@ -194,6 +196,20 @@ class PeriodicAverager:
         fraction = self.window_fraction if window_fraction is None else window_fraction
         m = window_size(len(self._snapshots), fraction)
         return window_average(self._snapshots[-m:])
+
+    # --- the loop's "evaluated_weights" role (tricks.binding.EvaluatedWeights) ---------------
+    takes_candidates = False
+
+    def after_step(self, model: nn.Module, samples_seen: int) -> None:
+        """Once per optimizer step: :meth:`maybe_snapshot`."""
+        self.maybe_snapshot(model, samples_seen)
+
+    def candidate(self, model: nn.Module, metric: float | None, step: int) -> None:
+        """Snapshots are taken by the clock, not at evaluations: nothing to do."""
+
+    def weights(self, model: nn.Module, final: bool) -> tuple[nn.Module | dict[str, Tensor], bool]:
+        """The window average (BN statistics to recompute), or the training weights before the first snapshot."""
+        return (self.average(), True) if self._snapshots else (model, False)
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration, snapshots (by reference) and clock; ``weights_only``-safe."""
@@ -328,6 +344,7 @@ class PostHocEMA:
         sigma_rels: Sequence[float] = (0.05, 0.10),
         snapshot_every_samples: int,
         samples_per_update: int = 1,
+        target_sigma_rel: float | None = None,
     ) -> None:
         if len(sigma_rels) == 0:
             raise ValueError("sigma_rels: an empty sequence is not allowed; allowed: at least one σ_rel")
@@ -338,6 +355,9 @@ class PostHocEMA:
             raise ValueError(f"samples_per_update: {samples_per_update!r} is not allowed; allowed: an integer ≥ 1")
         self.snapshot_every_samples = snapshot_every_samples
         self.samples_per_update = samples_per_update
+        if target_sigma_rel is not None:
+            sigma_rel_to_gamma(target_sigma_rel)  # validates the range
+        self.target_sigma_rel = target_sigma_rel  # what :meth:`weights` reconstructs (the loop's evaluated EMA)
         self.num_updates = 0
         state = model.state_dict()
         self._keys = list(state)
@@ -432,6 +452,26 @@ class PostHocEMA:
             out[k] = acc.to(latest[k].dtype)
         return out
 
+    # --- the loop's "evaluated_weights" role (tricks.binding.EvaluatedWeights) ---------------
+    takes_candidates = False
+
+    def after_step(self, model: nn.Module, samples_seen: int) -> None:
+        """Once per optimizer step: :meth:`update`, then :meth:`maybe_snapshot`."""
+        self.update(model)
+        self.maybe_snapshot(samples_seen)
+
+    def candidate(self, model: nn.Module, metric: float | None, step: int) -> None:
+        """Snapshots are taken by the clock, not at evaluations: nothing to do."""
+
+    def weights(self, model: nn.Module, final: bool) -> tuple[nn.Module | dict[str, Tensor], bool]:
+        """The reconstruction at ``target_sigma_rel`` (BN statistics to recompute), or the training weights
+        before the first snapshot."""
+        if self.target_sigma_rel is None:
+            raise ValueError(
+                "weights: this PostHocEMA has no target_sigma_rel; give one to use it as the evaluated model"
+            )
+        return (self.reconstruct(self.target_sigma_rel), True) if self._snapshots else (model, False)
+
     def state_dict(self) -> dict[str, Any]:
         """Configuration, tracked EMAs, snapshots (tensors by reference) and clock; ``weights_only``-safe."""
         return {
@@ -471,6 +511,49 @@ class PostHocEMA:
 
 _SIGMA_HIGH = 0.288  # just below 1/√12 (γ = 0)
 
+
+def build_periodic(settings: Settings, context: BuildContext) -> PeriodicAverager:
+    """The run's periodic averager (snapshots by samples seen; the loop evaluates the window average)."""
+    return PeriodicAverager(settings["snapshot_every_samples"], settings["window_fraction"])
+
+
+def build_posthoc(settings: Settings, context: BuildContext) -> PostHocEMA:
+    """The run's post-hoc EMA of ``context.model``; the loop evaluates the reconstruction at ``target_sigma_rel``."""
+    if context.model is None or context.samples_per_step is None:
+        raise ValueError("posthoc_ema: build needs the model and samples_per_step (the loop builds it)")
+    return PostHocEMA(
+        context.model,
+        sigma_rels=(settings["sigma_rel_a"], settings["sigma_rel_b"]),
+        snapshot_every_samples=settings["snapshot_every_samples"],
+        samples_per_update=context.samples_per_step,
+        target_sigma_rel=settings["target_sigma_rel"],
+    )
+
+
+def _check_spacing(settings: Any, context: CheckContext) -> list[str]:
+    every, step, budget = settings["snapshot_every_samples"], context.samples_per_step, context.train["budget_samples"]
+    if every < step:
+        return [
+            f"snapshot_every_samples: {every} is below the {step} samples of one optimizer step, and snapshots are "
+            f"taken at most once per step (as with {step}); allowed: ≥ {step}"
+        ]
+    if every > budget:
+        return [
+            f"snapshot_every_samples: {every} exceeds train.budget_samples {budget}: no snapshot would be taken and "
+            f"the training weights evaluated (the trick switched off); allowed: ≤ {budget}"
+        ]
+    return []
+
+
+def _check_posthoc(settings: Any, context: CheckContext) -> list[str]:
+    if settings["sigma_rel_a"] == settings["sigma_rel_b"]:
+        return [
+            f"sigma_rel_b: {settings['sigma_rel_b']} equals sigma_rel_a; allowed: two different widths (one tracked "
+            "profile cannot reconstruct others)"
+        ]
+    return _check_spacing(settings, context)
+
+
 PERIODIC_CARD = TrickCard(
     name="periodic_averaging",
     summary="Snapshot the weights periodically; evaluate the uniform average of a trailing window chosen after "
@@ -506,7 +589,9 @@ PERIODIC_CARD = TrickCard(
         "epfml/schedules-and-scaling:src/optim/weight_averaging.py (WeightAverager, sweep_horizon_like)",
         "pytorch/pytorch:torch/optim/swa_utils.py (AveragedModel, SWALR)",
     ),
-    level="loop",
+    role="evaluated_weights",
+    build=build_periodic,
+    check=_check_spacing,
     tiny_setting={"snapshot_every_samples": 32},
     incompatible=("ema", "posthoc_ema", "checkpoint_averaging"),
 )
@@ -565,7 +650,9 @@ POSTHOC_CARD = TrickCard(
         "NVlabs/edm2:training/phema.py (PowerFunctionEMA, solve_posthoc_coefficients)",
         "NVlabs/edm2:reconstruct_phema.py",
     ),
-    level="loop",
+    role="evaluated_weights",
+    build=build_posthoc,
+    check=_check_posthoc,
     tiny_setting={"snapshot_every_samples": 32},
     incompatible=("ema", "periodic_averaging", "checkpoint_averaging"),
 )

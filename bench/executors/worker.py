@@ -71,18 +71,17 @@ def register_extra_tasks(env: dict[str, str] | None = None) -> list[str]:
     spec = (os.environ if env is None else env).get(EXTRA_TASKS_ENV, "").strip()
     if not spec:
         return []
-    from bench import spec as spec_module
-    from experiments import registry
+    from importlib import import_module
+
+    from experiments.registry import register_task
 
     names = []
     for item in spec.split(","):
         name, sep, module = item.strip().partition("=")
         if not sep or not name.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
             raise ValueError(f"{EXTRA_TASKS_ENV}: {item!r} is not allowed; allowed: name=package.module[,...]")
-        registry._TASK_MODULES[name] = module
+        register_task(import_module(module).TASK)
         names.append(name)
-    registry.TASK_NAMES = tuple(dict.fromkeys((*registry.TASK_NAMES, *names)))
-    spec_module.TASK_NAMES = registry.TASK_NAMES
     return names
 
 

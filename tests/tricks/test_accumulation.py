@@ -150,7 +150,7 @@ def test_accumulate_validation() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "accumulation" and CARD.level == "loop"
+    assert CARD.name == "accumulation" and CARD.role != "task"
     assert CARD.resolve({}) == {"micro_batches": 4}
     assert CARD.resolve(CARD.tiny_setting)["micro_batches"] >= 2
     with pytest.raises(ParamError, match="micro_batches"):

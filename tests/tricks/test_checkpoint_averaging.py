@@ -213,7 +213,7 @@ def test_validation_errors() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "checkpoint_averaging" and CARD.level == "loop"
+    assert CARD.name == "checkpoint_averaging" and CARD.role != "task"
     assert CARD.resolve({}) == {"n": 3, "mode": "best", "recompute_bn": True}
     CARD.resolve(CARD.tiny_setting)
     with pytest.raises(ParamError, match="n"):

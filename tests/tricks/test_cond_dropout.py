@@ -205,7 +205,7 @@ def test_validation_errors():
 
 
 def test_card():
-    assert CARD.name == "cond_dropout" and CARD.level == "task"
+    assert CARD.name == "cond_dropout" and CARD.role == "task"
     assert CARD.resolve({}) == {"p": 0.1, "guidance_weight": 1.0}
     CARD.resolve(CARD.tiny_setting)
     with pytest.raises(ParamError):

@@ -166,7 +166,7 @@ def test_validation_errors():
 
 
 def test_card():
-    assert CARD.name == "cond_noise" and CARD.level == "task"
+    assert CARD.name == "cond_noise" and CARD.role == "task"
     assert CARD.resolve({}) == {"std": 0.1, "random_std": False, "inference_std": 0.0, "return_std": True}
     CARD.resolve(CARD.tiny_setting)
     with pytest.raises(ParamError):

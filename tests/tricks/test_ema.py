@@ -304,7 +304,7 @@ def test_validation_errors() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "ema" and CARD.level == "loop"
+    assert CARD.name == "ema" and CARD.role != "task"
     resolved = CARD.resolve({})
     assert resolved == {"half_life_samples": 2000.0, "warmup": False, "buffers": "copy"}
     assert CARD.resolve(CARD.tiny_setting)["half_life_samples"] > 0

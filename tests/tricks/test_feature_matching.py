@@ -215,7 +215,7 @@ def test_validation_errors():
 
 
 def test_card():
-    assert CARD.name == "feature_matching" and CARD.level == "task"
+    assert CARD.name == "feature_matching" and CARD.role == "task"
     resolved = CARD.resolve({})
     assert resolved == {"weight": 0.1, "n_layers": 2, "reduce": "batch_spatial"}
     assert set(CARD.param_map["reduce"].choices) == set(REDUCE_DIMS)

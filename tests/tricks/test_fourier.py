@@ -192,7 +192,7 @@ def test_validation_errors() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "fourier_features" and CARD.level == "task"
+    assert CARD.name == "fourier_features" and CARD.role == "task"
     p = CARD.resolve(CARD.tiny_setting)
     FourierFeatures(1, p["num_features"], kind=p["kind"], scale=p["scale"])
     assert CARD.resolve({})["kind"] == "mp"

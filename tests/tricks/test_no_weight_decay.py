@@ -249,7 +249,7 @@ def test_summary_table() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "no_weight_decay" and CARD.level == "loop"
+    assert CARD.name == "no_weight_decay" and CARD.role != "task"
     assert CARD.params == () and CARD.resolve({}) == {}
     with pytest.raises(ValueError, match="weight_decay"):
         CARD.resolve({"weight_decay": 0.1})

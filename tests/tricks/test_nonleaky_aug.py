@@ -257,7 +257,7 @@ def test_validation_errors():
 
 
 def test_card():
-    assert CARD.name == "nonleaky_augmentation" and CARD.level == "task"
+    assert CARD.name == "nonleaky_augmentation" and CARD.role == "task"
     assert CARD.resolve({}) == {"p": 0.5, "max_translate": 0.125, "max_log2_scale": 0.2}
     CARD.resolve(CARD.tiny_setting)
     with pytest.raises(ParamError):

@@ -201,7 +201,7 @@ def test_validation_errors():
 
 
 def test_card():
-    assert CARD.name == "patchwise" and CARD.level == "task"
+    assert CARD.name == "patchwise" and CARD.role == "task"
     resolved = CARD.resolve(CARD.tiny_setting)
     assert resolved == {"min_patch": 8, "full_fraction": 0.5}
     assert CARD.resolve({}) == {"min_patch": 16, "full_fraction": 0.25}

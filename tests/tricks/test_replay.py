@@ -283,11 +283,15 @@ def test_constructor_validation(kwargs: dict, field: str) -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "replay_buffer" and CARD.level == "task"
-    assert CARD.resolve({}) == {"capacity": 10000, "prioritized": False, "alpha": 0.6, "beta": 0.4}
-    tiny = CARD.resolve(CARD.tiny_setting)
+    assert CARD.name == "replay_buffer" and CARD.role == "task"
+    # alpha and beta act only with prioritized replay: absent otherwise, and an error when given
+    assert CARD.resolve({}) == {"capacity": 10000, "prioritized": False}
+    assert CARD.resolve({"prioritized": True}) == {"capacity": 10000, "prioritized": True, "alpha": 0.6, "beta": 0.4}
+    with pytest.raises(ValueError, match=r"alpha: 1.0 is not allowed; allowed: leave it out.*prioritized: true"):
+        CARD.resolve({"alpha": 1.0})
+    tiny = CARD.resolve({**CARD.tiny_setting, "prioritized": True})
     ReplayBuffer(tiny["capacity"], prioritized=tiny["prioritized"], alpha=tiny["alpha"], beta=tiny["beta"])
     with pytest.raises(ValueError, match="capacity"):
         CARD.resolve({"capacity": 0})
     with pytest.raises(ValueError, match="beta"):
-        CARD.resolve({"beta": 2.0})
+        CARD.resolve({"prioritized": True, "beta": 2.0})

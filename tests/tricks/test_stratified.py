@@ -113,19 +113,42 @@ def test_accumulated_each_position_marginally_uniform() -> None:
     assert min(p) > 0.01 / n, p
 
 
+def _strata_hit(u: torch.Tensor) -> torch.Tensor:
+    n = len(u)
+    return torch.bincount(torch.floor(u.double() * n).long(), minlength=n)
+
+
 def test_float32_and_bfloat16_never_reach_one() -> None:
-    g = _gen(3)
-    u = stratified_uniform(1000, generator=g, dtype=torch.bfloat16)
+    u = stratified_uniform(64, generator=_gen(3), dtype=torch.bfloat16)
     assert float(u.max()) < 1.0
+    assert torch.equal(_strata_hit(u), torch.ones(64, dtype=torch.long))
     # the raw bf16 cast does reach 1.0 for the top strata: the clamp matters
     g = _gen(3)
     raw = ((torch.randperm(1000, generator=g).double() + torch.rand(1000, generator=g, dtype=torch.float64)) / 1000).to(
         torch.bfloat16
     )
     assert float(raw.max()) == 1.0
-    assert int(to_uniform_int(u, 0, 1000).max()) <= 999
+    assert int(to_uniform_int(u, 0, 64).max()) <= 63
     big = stratified_uniform(2**22, generator=_gen(4))
     assert float(big.max()) < 1.0 and float(big.min()) >= 0.0
+    assert torch.equal(_strata_hit(big), torch.ones(2**22, dtype=torch.long))
+
+
+def test_float32_keeps_exactly_one_value_per_stratum() -> None:
+    """A float32 cast of (perm + jitter)/n can land on a stratum's upper edge (about 1 draw in 75 at
+    n = 1000, every draw at n ≥ 65536): such values are moved back inside their stratum."""
+    for seed in range(200):
+        u = stratified_uniform(1000, generator=_gen(seed))
+        assert torch.equal(_strata_hit(u), torch.ones(1000, dtype=torch.long)), seed
+    g = _gen(7)
+    raw = (torch.randperm(65536, generator=g).double() + torch.rand(65536, generator=g, dtype=torch.float64)) / 65536
+    assert not torch.equal(_strata_hit(raw.float()), torch.ones(65536, dtype=torch.long))  # what the fix repairs
+    assert torch.equal(_strata_hit(stratified_uniform(65536, generator=_gen(7))), torch.ones(65536, dtype=torch.long))
+
+
+def test_a_dtype_too_coarse_for_the_strata_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"n: 1000 is not allowed with dtype torch.bfloat16.*float64"):
+        stratified_uniform(1000, generator=_gen(3), dtype=torch.bfloat16)
 
 
 def test_device_and_default_generator() -> None:
@@ -236,5 +259,5 @@ def test_validation_errors() -> None:
 
 
 def test_card() -> None:
-    assert CARD.name == "stratified_sampling" and CARD.level == "task"
+    assert CARD.name == "stratified_sampling" and CARD.role == "task"
     assert CARD.resolve(CARD.tiny_setting) == {}

@@ -314,7 +314,7 @@ def test_posthoc_validation() -> None:
 
 def test_cards() -> None:
     assert [c.name for c in CARDS] == ["periodic_averaging", "posthoc_ema"]
-    assert all(c.level == "loop" for c in CARDS)
+    assert all(c.role == "evaluated_weights" for c in CARDS)
     assert PERIODIC_CARD.resolve({}) == {"snapshot_every_samples": 10000, "window_fraction": 0.5}
     assert POSTHOC_CARD.resolve({}) == {
         "sigma_rel_a": 0.05,
