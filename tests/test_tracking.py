@@ -83,10 +83,23 @@ def _history(recs: list[wandb_internal_pb2.Record]) -> list[dict[str, object]]:
     return rows
 
 
-def _curve(run_dir: Path) -> list[dict[str, float]]:
-    lines = (run_dir / "curve.csv").read_text().split()
+def _curve(run_dir: Path, name: str = "curve.csv") -> list[dict[str, float]]:
+    lines = (run_dir / name).read_text().split()
     keys = lines[0].split(",")
     return [dict(zip(keys, map(float, line.split(",")))) for line in lines[1:]]
+
+
+def _evals(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [h for h in rows if "eval/test_mse" in h]
+
+
+def _summary(recs: list[wandb_internal_pb2.Record]) -> dict[str, object]:
+    return {
+        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+        for r in recs
+        if r.HasField("summary")
+        for i in r.summary.update
+    }
 
 
 # --- mode and settings: pure functions of the environment ----------------------------------------
@@ -145,24 +158,28 @@ def test_worker_mirrors_metrics_config_and_summary_offline(tmp_path: Path, synth
 
     run = next(r.run for r in recs if r.HasField("run"))
     assert run.run_id == tracking.wandb_run_id(cell)
-    assert run.run_group == cell.grid and run.project == OFFLINE["project"]
+    assert run.run_group == f"{cell.grid}/{cell.task}/{cell.arm}" == "t/synthetic/all"
+    assert run.project == OFFLINE["project"]
+    assert run.job_type == synthetic_task
     assert set(run.tags) == {synthetic_task, "ema"}
     updates = [*run.config.update, *(i for r in recs if r.HasField("config") for i in r.config.update)]
     config = {i.key: json.loads(i.value_json) for i in updates}
     assert config["tricks"] == cell.config["tricks"] and config["run_id"] == cell.run_id
+    assert config["arm"] == "all" and config["grid"] == cell.grid and config["seed"] == cell.seed
 
-    # history = the run's evaluations, at optimizer steps, with the same numbers as curve.csv
-    hist, curve = _history(recs), _curve(rdir)
-    assert [h["_step"] for h in hist] == [h["_record_step"] for h in hist] == [c["step"] for c in curve] == EVAL_STEPS
-    for h, c in zip(hist, curve):
+    # history: one row per optimizer step (64 steps ≤ MAX_TRAIN_POINTS) with the numbers of train.csv,
+    # and the evaluations in the rows of their steps with the numbers of curve.csv
+    hist, curve, steps = _history(recs), _curve(rdir), _curve(rdir, "train.csv")
+    assert [h["_step"] for h in hist] == [h["_record_step"] for h in hist] == [int(t["step"]) for t in steps]
+    for h, t in zip(hist, steps):
+        assert (h["samples"], h["train/loss"], h["train/lr"]) == (t["samples"], t["loss"], t["lr"])  # exact doubles
+        assert h["train/grad_norm"] == h["train/grad_norm_max"] == t["grad_norm"]
+    evals = _evals(hist)
+    assert [h["_step"] for h in evals] == [c["step"] for c in curve] == EVAL_STEPS
+    for h, c in zip(evals, curve):
         assert h["samples"] == c["samples"]
-        assert h["eval/test_mse"] == c["test_mse"]  # exact: JSON round-trips doubles
-    summary = {
-        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-        for r in recs
-        if r.HasField("summary")
-        for i in r.summary.update
-    }
+        assert h["eval/test_mse"] == c["test_mse"]
+    summary = _summary(recs)
     assert summary["metric/test_mse"] == result["metric"]["test_mse"]
     assert summary["status"] == "completed"
     assert json.loads((rdir / tracking.STATE_FILE).read_text())["last_step"] == EVAL_STEPS[-1]
@@ -198,11 +215,18 @@ def test_killed_and_relaunched_run_continues_same_wandb_run_without_duplicate_st
     runs = _offline_runs(out, expect=3)
     ids = {r.run.run_id for recs in runs for r in recs if r.HasField("run")}
     assert ids == {tracking.wandb_run_id(cell)}
-    steps = [h["_step"] for recs in runs for h in _history(recs)]
-    assert steps == EVAL_STEPS  # each evaluation exactly once, in order, across the three launches
-    assert [[h["_step"] for h in _history(recs)] for recs in runs] == [[15], [31], [47, 63]]
-    mirrored = {h["_step"]: h["eval/test_mse"] for recs in runs for h in _history(recs)}
-    assert mirrored == {c["step"]: c["test_mse"] for c in _curve(out)}
+    # each step exactly once, in order, across the three launches (the third replays 16-35: not re-sent)
+    assert [h["_step"] for recs in runs for h in _history(recs)] == list(range(64))
+    assert [[h["_step"] for h in _history(recs)][::-1][:1] for recs in runs] == [[15], [35], [63]]
+    evals = [h for recs in runs for h in _evals(_history(recs))]
+    assert [h["_step"] for h in evals] == EVAL_STEPS  # each evaluation exactly once
+    assert [[h["_step"] for h in _evals(_history(recs))] for recs in runs] == [[15], [31], [47, 63]]
+    assert {h["_step"]: h["eval/test_mse"] for h in evals} == {c["step"]: c["test_mse"] for c in _curve(out)}
+    losses = {h["_step"]: h["train/loss"] for recs in runs for h in _history(recs)}
+    assert losses == {int(t["step"]): t["loss"] for t in _curve(out, "train.csv")}
+    summaries = [_summary(recs) for recs in runs]
+    assert [s.get("status") for s in summaries] == ["interrupted", "interrupted", "completed"]
+    assert "metric/test_mse" not in summaries[0] and summaries[2]["metric/test_mse"] == final["metric"]["test_mse"]
 
 
 def test_log_failure_disables_tracker_with_one_warning(tmp_path: Path, synthetic_task: str) -> None:
@@ -259,7 +283,7 @@ def test_unreachable_service_leaves_training_identical_and_fast(tmp_path: Path, 
     # the run is still mirrored, offline, for a later `wandb sync`
     assert tracker.mode == "offline"
     (recs,) = _offline_runs(tmp_path / "run", expect=1)
-    assert [h["_step"] for h in _history(recs)] == EVAL_STEPS
+    assert [h["_step"] for h in _evals(_history(recs))] == EVAL_STEPS
 
     # the next run of this process does not wait for the unreachable host again
     t0 = time.perf_counter()
