@@ -41,8 +41,10 @@ No step is logged twice: the last step handed to wandb is kept in ``<run_dir>/wa
 (replaced atomically *before* the row is handed to wandb), and after a resume every step ≤ it
 is skipped. A run killed after its last checkpoint replays those steps; they are not sent again
 (a kill between the state write and wandb's own write loses that one row in the mirror rather
-than duplicating it). A training row waits in the tracker until a later step or the
-evaluation of its own step arrives (so both share one row); a kill loses at most that row.
+than duplicating it). Training rows are handed to wandb in batches — at every evaluation (which
+joins the row of its step) and otherwise at most every :data:`SEND_INTERVAL_S` — so the state
+file is written a few times a minute, not per row; a kill loses the rows held since the last
+batch only where the resume does not replay them (rows before the run's last checkpoint).
 
 Modes: ``offline`` writes only local files (``wandb sync <run_dir>/wandb/offline-run-*`` uploads
 them later) and never touches the network; ``online`` streams; ``auto`` is online when an
@@ -64,6 +66,7 @@ import json
 import math
 import netrc
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,6 +100,7 @@ DEFAULT_PROJECT = "trickbench"
 MAX_ID_CHARS = 64
 MAX_GROUP_CHARS = 128  # W&B's limit on a group name
 MAX_TRAIN_POINTS = 1000  # training-curve rows per run at most (plus the final partial stride)
+SEND_INTERVAL_S = 2.0  # training rows are handed to wandb in batches at most this often (and at every evaluation)
 _ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "run": "online", "dryrun": "offline"}
 
 # hosts this process failed to reach online: later runs in this process mirror offline at once
@@ -260,7 +264,8 @@ class WandbTracker:
         self.stride: int | None = None  # known at the first training step (samples per step)
         self.final_step: int | None = None
         self._window: _Window | None = None
-        self._pending: tuple[int, dict[str, Any]] | None = None  # a row waiting for its step's evaluation
+        self._rows: list[tuple[int, dict[str, Any]]] = []  # rows not yet handed to wandb
+        self._sent_at = time.monotonic()
 
     def _disable(self, what: str, exc: BaseException) -> None:
         self.active = False
@@ -295,8 +300,8 @@ class WandbTracker:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Mirror ``metrics`` (an evaluation) at optimizer step ``step``, in one row with that step's
-        training numbers (which win over a ``train/*`` key of ``metrics``); steps ≤ the last one
-        mirrored are skipped."""
+        training numbers (which win over a ``train/*`` key of ``metrics``), and send every row held;
+        steps ≤ the last one mirrored are skipped."""
         if not self.active or step <= self.last_step:
             return
         try:
@@ -304,30 +309,32 @@ class WandbTracker:
             if self._window is not None and self._window.step == step:  # a partial window ends here
                 row |= self._window.row()
                 self._window = None
-            if self._pending is not None and self._pending[0] == step:
-                row |= self._pending[1]
-                self._pending = None
-            self._flush()
-            self._send(step, row)
+            if self._rows and self._rows[-1][0] == step:
+                row |= self._rows.pop()[1]
+            self._rows.append((step, row))
+            self._send(len(self._rows))
         except (Exception, SystemExit) as exc:  # wandb's teardown paths can sys.exit; never into the loop
             self._disable("log", exc)
 
     def _stage(self, step: int, row: dict[str, Any]) -> None:
-        """Hold ``row`` until a later step (or its evaluation) arrives; send the one held before."""
-        self._flush()
-        self._pending = (step, row)
+        """Hold a training row; every :data:`SEND_INTERVAL_S` send those held, all but this one (the
+        evaluation of its step, if any, comes next and joins it)."""
+        self._rows.append((step, row))
+        if time.monotonic() - self._sent_at >= SEND_INTERVAL_S:
+            self._send(len(self._rows) - 1)
 
-    def _flush(self) -> None:
-        if self._pending is not None:
-            step, row = self._pending
-            self._pending = None
-            self._send(step, row)
-
-    def _send(self, step: int, row: dict[str, Any]) -> None:
-        # write-ahead: a kill between these two calls loses one mirrored row instead of sending it twice
-        _replace_text(self.state_path, json.dumps({"wandb_id": self.wandb_id, "last_step": step}))
-        self.last_step = step
-        self.run.log(row, step=step)
+    def _send(self, n: int) -> None:
+        """Hand the first ``n`` rows held to wandb, after recording the last of their steps."""
+        if n <= 0:
+            return
+        rows, self._rows = self._rows[:n], self._rows[n:]
+        # write-ahead: a kill between the state write and wandb's writes loses these rows from the
+        # mirror instead of sending them twice after the resume
+        _replace_text(self.state_path, json.dumps({"wandb_id": self.wandb_id, "last_step": rows[-1][0]}))
+        self.last_step = rows[-1][0]
+        self._sent_at = time.monotonic()
+        for step, row in rows:
+            self.run.log(row, step=step)
 
     def finish(self, result: Mapping[str, Any] | None = None) -> None:
         """Send the rows still held, write the status (and a finished run's final numbers) into the
@@ -335,23 +342,25 @@ class WandbTracker:
         if not self.active:
             return
         status = (result or {}).get("status")
+        self.active = False
+        failed: BaseException | None = None
         try:
             if self._window is not None and self._window.n:
                 window, self._window = self._window, None
-                self._stage(window.step, window.row())
-            self._flush()
-        except (Exception, SystemExit) as exc:
-            self._disable("log", exc)
-            return
-        self.active = False
-        try:
+                self._rows.append((window.step, window.row()))
+            self._send(len(self._rows))
             if result is not None:
                 self.run.summary.update(_flat_summary(result))
             if status == "interrupted":
                 self.run.mark_preempting()  # shown as preempted; a re-launch resumes the same wandb run
+        except (Exception, SystemExit) as exc:
+            failed = exc
+        try:  # closed even when the rows could not be sent
             self.run.finish(exit_code=0 if status in store.RunStatus.FINISHED else 1)
         except (Exception, SystemExit) as exc:
-            self._disable("finish", exc)
+            failed = failed or exc
+        if failed is not None:
+            self._disable("finish", failed)
 
 
 def _replace_text(path: Path, text: str) -> None:

@@ -193,9 +193,11 @@ def test_worker_mirrors_metrics_config_and_summary_offline(tmp_path: Path, synth
     _offline_runs(rdir, expect=1)
 
 
+@pytest.mark.parametrize("send_interval_s", [tracking.SEND_INTERVAL_S, 0.0])  # 0: rows sent as they complete
 def test_killed_and_relaunched_run_continues_same_wandb_run_without_duplicate_steps(
-    tmp_path: Path, synthetic_task: str
+    tmp_path: Path, synthetic_task: str, monkeypatch: pytest.MonkeyPatch, send_interval_s: float
 ) -> None:
+    monkeypatch.setattr(tracking, "SEND_INTERVAL_S", send_interval_s)
     cell = cell_for(synthetic_task, None, {"dim": 4}, SYN_TRAIN)
     reference = train(cell, tmp_path / "untracked")
     out = tmp_path / "run"
