@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from bench.spec import SpecError
+# Nothing heavy at module level: `bench --help` and `bench run|list|status|report --help` import
+# neither torch nor the registries (tested). Commands import what they need when they run.
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "experiments" / "grids" / "quick.yaml"
 DEFAULT_RESULTS = Path("results")
@@ -16,6 +18,8 @@ examples:
   bench run                                   the quick suite over all three tasks (local, offline data, report)
   bench run experiments/grids/cifar_quick.yaml --jobs 2
   bench run my_grid.yaml --dry-run            validate and list the runs, train nothing
+  bench run grid.yaml seeds=8 tasks.toy_diffusion.train.lr=3e-3      Hydra-style overrides (see bench run --help)
+  bench run grid.yaml --tricks ema --seeds 0-3 run a subset of the grid (same run ids as the whole grid)
   bench run my_grid.yaml --executor slurm --slurm-partition gpu --slurm-gpus-per-run 1 --slurm-time-min 120
   bench status results/quick                  done / partial / failed runs of a grid
   bench report results/quick                  (re)write report.md and report.html
@@ -25,7 +29,27 @@ examples:
 A grid spec is YAML: grid name, design (one_at_a_time | leave_one_out | full_factorial |
 fractional_factorial), seeds, and per task its params, train block and tricks. Results go
 to <results>/<grid>/runs/<run_id>/; re-running a command skips finished runs and resumes
-checkpointed ones. Exit status: 0 ok, 1 some runs failed, 2 invalid input, 130 interrupted.
+checkpointed ones. Exit status: 0 ok, 1 some runs failed, 2 invalid input, 130 interrupted,
+141 output pipe closed (e.g. `bench status results/quick | head`).
+"""
+
+RUN_EPILOG = """\
+overrides (Hydra's grammar; applied to the spec before validation, so checked like the YAML):
+  bench run grid.yaml seeds=8                                   8 seeds (0-7); the runs of seeds 0-2 are kept
+  bench run grid.yaml tasks.toy_diffusion.train.lr=3e-3         a train setting (also one left at its default)
+  bench run grid.yaml tasks.rl_policy.tricks.ema.half_life_samples=500
+  bench run grid.yaml +tasks.rl_policy.tricks.ema=null          add a trick (+key: a key the spec does not set)
+  bench run grid.yaml ~tasks.toy_diffusion.tricks.ema           remove a trick (~key)
+  bench run grid.yaml 'seeds=[0,1,2]' wandb.enabled=true        lists in brackets (quote them for the shell)
+  bench run seeds=1 --dry-run                                   overrides of the default spec (the quick suite)
+Paths are dotted keys of the spec (grid, design, seeds, wandb.*, tasks.<label>.{params,train,tricks}.*).
+The overrides are recorded as `overrides:` in results/<grid>/grid.yaml beside the resolved spec.
+
+selection (run part of a grid; the runs kept have the same run ids as in the whole grid):
+  bench run grid.yaml --tasks toy_diffusion                    one task block (by its label in the spec)
+  bench run grid.yaml --tricks ema,posthoc_ema                 the arms whose tricks are all selected (+ baseline)
+  bench run grid.yaml --seeds 0-3,7                            seeds 0, 1, 2, 3 and 7 of the grid
+  bench run grid.yaml seeds=10 --seeds 3-9 --dry-run           add seeds, and list only the new runs
 """
 
 
@@ -33,7 +57,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="train a grid (skips finished runs, resumes checkpointed ones)",
-        description="Validate a grid spec, then train every run that is not finished yet and write the report.",
+        description="Validate a grid spec (with any overrides), then train every run that is not finished yet "
+        "and write the report.",
+        epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -42,6 +68,24 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         default=str(DEFAULT_SPEC),
         help="grid spec YAML (default: the quick suite, experiments/grids/quick.yaml)",
     )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides of the spec in Hydra's grammar: key=value, +key=value (add), ++key=value, ~key (remove); "
+        "examples below",
+    )
+    g = p.add_argument_group("selection (a subset of the grid; the stored grid.yaml stays the whole grid)")
+    g.add_argument(
+        "--tasks", action="append", metavar="LABEL[,LABEL]", help="only these task blocks of the spec (repeatable)"
+    )
+    g.add_argument(
+        "--tricks",
+        action="append",
+        metavar="TRICK[,TRICK]",
+        help="only the arms whose tricks are all among these (the baseline always; repeatable)",
+    )
+    g.add_argument("--seeds", action="append", metavar="RANGES", help="only these seeds of the grid, e.g. 0-3,7")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root folder (default: ./results)")
     p.add_argument(
         "--executor",
@@ -149,8 +193,19 @@ def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
     mod.add_arguments(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bench`` argument parser (all subcommands)."""
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand named in ``argv`` (its first token that is not an option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``bench`` argument parser (all subcommands).
+
+    With ``argv``, the options of ``check`` and ``perf`` (declared by their own modules, which
+    import torch) are added only when ``argv`` names that command, so that ``bench --help`` and
+    the other commands start without importing them.
+    """
+    command = _command_of(argv)
     parser = argparse.ArgumentParser(
         prog="bench",
         description="trickbench: does a training trick help, how much, how reliably, at what cost?",
@@ -175,15 +230,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Regression check of the trick implementations: re-runs the small deterministic "
         "grids and compares every metric with the committed baselines within tolerances.",
     )
-    _optional_arguments("bench.check", p)
+    if argv is None or command == "check":
+        _optional_arguments("bench.check", p)
     p = sub.add_parser("perf", help="benchmark the harness against a bare PyTorch loop, and the cost of each trick")
-    _optional_arguments("bench.perf", p)
+    if argv is None or command == "perf":
+        _optional_arguments("bench.perf", p)
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; overrides of ``bench run`` may also come after options (``run g.yaml --dry-run seeds=2``)."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        stray = [a for a in extra if a.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run ``bench`` with ``argv`` (default: the command line); returns the exit status.
+
+    A closed output pipe (``bench status ... | head``) ends quietly with 141, as the Python
+    docs recommend: stdout is pointed at devnull so that the interpreter's final flush is silent.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a broken pipe surfaces here rather than at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
+    return status
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser(argv)
+    args = _parse(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -208,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.commands import cmd_report
 
             return cmd_report(args.grid)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # SpecError is a ValueError: bad input, nothing written
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

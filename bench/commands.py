@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from bench import store
 from bench.runner import LaunchPlan, code_version, grid_cells, plan, write_grid_spec
+from bench.selection import Selection, parse_names, parse_seeds
 
 if TYPE_CHECKING:
     from bench.executors.slurm import SlurmOptions
@@ -57,8 +58,30 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
     return SlurmOptions(**given)
 
 
+def run_inputs(args: argparse.Namespace) -> tuple[str, list[str], Selection]:
+    """(spec path, overrides, selection) of ``bench run``'s arguments.
+
+    ``bench run seeds=8`` (no spec, an override first) runs the default spec with that override:
+    argparse gives the first positional to ``spec``, so a first token that looks like an override
+    and is no file moves back to the overrides. Bad ``--seeds`` is a ValueError naming the flag.
+    """
+    from bench.cli import DEFAULT_SPEC
+    from bench.overrides import looks_like_override
+
+    spec, overrides = str(args.spec), list(getattr(args, "overrides", None) or [])
+    if looks_like_override(spec) and not Path(spec).exists():
+        spec, overrides = str(DEFAULT_SPEC), [spec, *overrides]
+    selection = Selection(
+        tasks=parse_names(getattr(args, "tasks", None)),
+        tricks=parse_names(getattr(args, "tricks", None)),
+        seeds=parse_seeds(getattr(args, "seeds", None)),
+    )
+    return spec, overrides, selection
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    launch = plan(args.spec, args.results)  # SpecError here: nothing written
+    spec_path, overrides, selection = run_inputs(args)
+    launch = plan(spec_path, args.results, overrides, selection)  # SpecError / ValueError here: nothing written
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
@@ -83,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             tasks = -(-len(launch.todo) // slurm.runs_per_task)
             print(f"would submit {len(launch.todo)} runs as {tasks} array tasks ({slurm.runs_per_task} per task)")
         return 0
-    write_grid_spec(launch.spec, launch.grid_dir)
+    write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
     version = code_version()
     if slurm is not None:
         return _run_slurm(launch, args, slurm, version)

@@ -416,6 +416,8 @@ class _Trainer:
             hist["loss"].append(loss_value)
             hist["grad_norm"].append(grad_norm)
             hist["lr"].append(optimizer.param_groups[0]["lr"])
+            if self.ctx.tracker is not None:  # the training curve of the mirror (strides and buffers itself)
+                self.ctx.tracker.log_train(step, samples, loss_value, grad_norm, hist["lr"][-1])
             steps_this_call += 1
             last = step == self.total_steps - 1
 

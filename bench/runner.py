@@ -8,14 +8,17 @@ runs resume, crashed runs are re-run.
 from __future__ import annotations
 
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from bench import store
 from bench.grid import Cell, expand
-from bench.spec import GridSpec, load_spec, parse_spec
+from bench.overrides import RECORD_KEY, apply_overrides, parse_overrides, read_spec_mapping, split_record
+from bench.selection import Selection, select_cells
+from bench.spec import GridSpec, parse_spec
 
 __all__ = ["LaunchPlan", "code_version", "grid_cells", "plan", "write_grid_spec"]
 
@@ -41,46 +44,85 @@ def code_version() -> str:
 
 @dataclass
 class LaunchPlan:
-    """What a launch will do: all cells of the grid, and those still to train."""
+    """What a launch will do: the cells of the grid it covers (all, or a selection), and those still to train.
+
+    ``overrides`` are the command-line overrides the spec was launched with (those recorded in a
+    stored ``grid.yaml`` it was read from first); ``grid_size`` the number of cells of the whole grid.
+    """
 
     spec: GridSpec
     grid_dir: Path
     cells: list[Cell]
     todo: list[Cell]
     status: dict[str, str]  # run_id -> on-disk status before the launch
+    overrides: tuple[str, ...] = ()
+    selection: Selection = field(default_factory=Selection)
+    grid_size: int | None = None
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
         for s in self.status.values():
             counts[s] = counts.get(s, 0) + 1
         parts = [f"{n} {s}" for s, n in sorted(counts.items())]
-        return (
+        lines = [
             f"grid {self.spec.grid}: {len(self.cells)} runs ({', '.join(parts)}); "
             f"{len(self.todo)} to train, {len(self.cells) - len(self.todo)} already finished"
-        )
+        ]
+        if self.overrides:
+            lines.append("overrides: " + " ".join(self.overrides))
+        if not self.selection.empty:
+            lines.append(
+                f"selection {self.selection.describe()}: {len(self.cells)} of the grid's {self.grid_size} runs "
+                "(the same run ids as in the whole grid)"
+            )
+        return "\n".join(lines)
 
     @property
     def grid_tricks(self) -> dict[str, list[str]]:
         return {t.label: list(t.tricks) for t in self.spec.tasks}
 
 
-def plan(spec_path: str | Path, results_root: Path) -> LaunchPlan:
-    """Validate the spec (raises SpecError, nothing written) and work out what to train."""
-    spec = load_spec(spec_path)
-    return plan_for(spec, results_root)
+def plan(
+    spec_path: str | Path,
+    results_root: Path,
+    overrides: Sequence[str] = (),
+    selection: Selection | None = None,
+) -> LaunchPlan:
+    """Validate the spec with its overrides and work out what to train; raises SpecError / ValueError, writes nothing.
+
+    ``overrides`` (Hydra grammar, :mod:`bench.overrides`) are applied to the raw YAML mapping before
+    validation; ``selection`` (:mod:`bench.selection`) keeps a subset of the expanded cells.
+    """
+    parsed = parse_overrides(overrides)  # grammar errors first, before the file is read
+    raw, recorded = split_record(read_spec_mapping(spec_path))
+    if parsed:
+        raw = apply_overrides(raw, parsed, source=str(spec_path))
+    source = f"{spec_path} with overrides" if parsed else str(spec_path)
+    spec = parse_spec(raw, source=source)
+    return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection())
 
 
-def plan_for(spec: GridSpec, results_root: Path) -> LaunchPlan:
-    cells = expand(spec)
+def plan_for(
+    spec: GridSpec, results_root: Path, overrides: Sequence[str] = (), selection: Selection | None = None
+) -> LaunchPlan:
+    selection = selection or Selection()
+    grid = expand(spec)
+    cells = select_cells(grid, spec, selection)
     gdir = store.grid_dir(results_root, spec.grid)
     status = {c.run_id: store.run_status(store.run_dir(results_root, spec.grid, c.run_id)) for c in cells}
     todo = [c for c in cells if status[c.run_id] not in store.RunStatus.FINISHED]
-    return LaunchPlan(spec, gdir, cells, todo, status)
+    return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid))
 
 
-def write_grid_spec(spec: GridSpec, gdir: Path) -> None:
-    """Store the resolved spec as ``grid.yaml``; a different earlier version is kept in ``history/``."""
-    text = yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True)
+def write_grid_spec(spec: GridSpec, gdir: Path, overrides: Sequence[str] = ()) -> None:
+    """Store the resolved spec as ``grid.yaml``; a different earlier version is kept in ``history/``.
+
+    ``overrides`` are recorded beside it as a top-level ``overrides:`` list (provenance; the
+    resolved spec already has them applied). The whole grid is stored even when a launch selects
+    a subset of it.
+    """
+    data = spec.to_dict() | ({RECORD_KEY: list(overrides)} if overrides else {})
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     path = gdir / "grid.yaml"
     if path.exists() and path.read_text() != text:
         hist = gdir / "history"
@@ -95,5 +137,6 @@ def grid_cells(gdir: Path) -> tuple[GridSpec, list[Cell]]:
     path = Path(gdir) / "grid.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{gdir} is not a launched grid (no grid.yaml); run `bench run SPEC` first")
-    spec = parse_spec(yaml.safe_load(path.read_text()), source=str(path))
+    raw, _recorded = split_record(yaml.safe_load(path.read_text()))
+    spec = parse_spec(raw, source=str(path))
     return spec, expand(spec)

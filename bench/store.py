@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,9 +71,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX).
+
+    The file gets the mode an ordinary ``open(path, "w")`` gives: 0o666 less the process umask
+    (0o644 under the default 022), so labmates on a shared filesystem can read results.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not tempfile.mkstemp: it creates 0o600 whatever the umask; O_EXCL + a random name is as safe
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)  # kernel applies umask
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -12,17 +12,39 @@ How a worker uses it (``bench/executors/worker.py``)::
     if tracker is not None:
         tracker.finish(result)                                             # summary, then wandb's own finish()
 
-What a mirrored run looks like: id = ``<grid>-<run_id>`` (:func:`wandb_run_id`), so a
-resumed or re-launched run (any executor, any node) continues the same wandb run
-(``resume="allow"``); group = the grid, tags = the task and the tricks that are on, config =
-the resolved config, files under ``<run_dir>/wandb/``. History steps are optimizer steps
-(``step=``) and charts use ``samples`` as their x axis.
+What a mirrored run looks like (W&B conventions, so W&B's own charts answer "does the arm help"):
 
-No step is logged twice: the last logged step is kept in ``<run_dir>/wandb_state.json``
-(written atomically *before* the step is handed to wandb), and after a resume every step
-≤ it is skipped. A run killed after its last checkpoint replays those steps; they are not
-sent again (a kill between the state write and wandb's own write loses that one point in the
-mirror rather than duplicating it).
+- id = ``<grid>-<run_id>`` (:func:`wandb_run_id`), so a resumed or re-launched run (any
+  executor, any node) continues the same wandb run (``resume="allow"``);
+- group = ``<grid>/<task>/<arm>`` (:func:`wandb_group`): W&B's grouped charts draw one line per
+  arm with the seeds as its band, so arms are compared, never averaged together;
+  ``job_type`` = the task label; tags = the task, each trick that is on (``baseline`` when
+  none); name = ``<task> <arm> s<seed>``; config = the resolved config plus grid, arm, seed,
+  run_id and code version (group-by any of them in the UI);
+- history: the training curve from :meth:`WandbTracker.log_train` — ``train/loss``,
+  ``train/grad_norm`` (means over a stride of steps), ``train/grad_norm_max`` (its max, so a
+  spike is not averaged away) and ``train/lr`` — at every step for runs of up to
+  :data:`MAX_TRAIN_POINTS` steps, else at a stride that keeps a run near that many points;
+  plus the evaluations (``eval/<metric>``) from :meth:`WandbTracker.log`, merged into the row
+  of their step. Steps are optimizer steps (``step=``); charts use ``samples`` as the x axis;
+- summary: ``status`` of every run (completed, diverged, incomplete, failed, interrupted),
+  and for finished runs its final ``metric/*``, ``stability/*`` and ``cost/*`` numbers;
+- files under ``<run_dir>/wandb/`` (or ``$WANDB_DIR/wandb/``).
+
+Where the project, entity and folder come from (W&B's own precedence: what a program passes to
+``wandb.init`` beats the environment, so the harness passes only what the user chose): the
+spec's ``wandb.project`` when it is not the default ``trickbench``, else ``WANDB_PROJECT``,
+else ``trickbench``; ``WANDB_ENTITY`` (or the spec's ``entity``, when the spec has one), else
+the account's default entity; ``WANDB_DIR``, else the run folder.
+
+No step is logged twice: the last step handed to wandb is kept in ``<run_dir>/wandb_state.json``
+(replaced atomically *before* the row is handed to wandb), and after a resume every step ≤ it
+is skipped. A run killed after its last checkpoint replays those steps; they are not sent again
+(a kill between the state write and wandb's own write loses that one row in the mirror rather
+than duplicating it). Training rows are handed to wandb in batches — at every evaluation (which
+joins the row of its step) and otherwise at most every :data:`SEND_INTERVAL_S` — so the state
+file is written a few times a minute, not per row; a kill loses the rows held since the last
+batch only where the resume does not replay them (rows before the run's last checkpoint).
 
 Modes: ``offline`` writes only local files (``wandb sync <run_dir>/wandb/offline-run-*`` uploads
 them later) and never touches the network; ``online`` streams; ``auto`` is online when an
@@ -40,8 +62,11 @@ per worker process; any error of ``log``/``finish`` warns once and switches the 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import netrc
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,12 +79,15 @@ from bench.grid import Cell
 __all__ = [
     "FINISH_TIMEOUT_S",
     "INIT_TIMEOUT_S",
+    "MAX_TRAIN_POINTS",
     "STATE_FILE",
     "Tracker",
     "WandbTracker",
     "account_configured",
     "make_tracker",
     "resolve_mode",
+    "train_stride",
+    "wandb_group",
     "wandb_run_id",
     "wandb_settings",
 ]
@@ -68,7 +96,11 @@ INIT_TIMEOUT_S = 20.0  # longest wandb.init may take before the run goes on (off
 FINISH_TIMEOUT_S = 30.0  # longest wandb's finish() may wait for uploads; the rest stays on disk for `wandb sync`
 STATE_FILE = "wandb_state.json"  # in the run folder: the wandb id and the last step handed to wandb
 DEFAULT_HOST = "https://api.wandb.ai"
+DEFAULT_PROJECT = "trickbench"
 MAX_ID_CHARS = 64
+MAX_GROUP_CHARS = 128  # W&B's limit on a group name
+MAX_TRAIN_POINTS = 1000  # training-curve rows per run at most (plus the final partial stride)
+SEND_INTERVAL_S = 2.0  # training rows are handed to wandb in batches at most this often (and at every evaluation)
 _ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "run": "online", "dryrun": "offline"}
 
 # hosts this process failed to reach online: later runs in this process mirror offline at once
@@ -79,6 +111,8 @@ class Tracker(Protocol):
     """What the loop and the worker need from a metrics mirror (``RunContext.tracker``)."""
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def log_train(self, step: int, samples: int, loss: float, grad_norm: float, lr: float) -> None: ...
 
     def finish(self, result: Mapping[str, Any] | None = None) -> None: ...
 
@@ -143,6 +177,25 @@ def wandb_run_id(cell: Cell) -> str:
     return rid
 
 
+def wandb_group(cell: Cell) -> str:
+    """``<grid>/<task>/<arm>``: the seeds of one arm form a group, so W&B compares arms.
+
+    Longer than W&B's 128 characters (factorial arms of many tricks): the arm is replaced by a hash.
+    """
+    group = f"{cell.grid}/{cell.task}/{cell.arm}"
+    if len(group) > MAX_GROUP_CHARS:
+        group = f"{cell.grid}/{cell.task}/arm-{hashlib.sha256(cell.arm.encode()).hexdigest()[:12]}"
+    return group[:MAX_GROUP_CHARS]
+
+
+def train_stride(total_steps: int, max_points: int | None = None) -> int:
+    """Optimizer steps per training-curve row: 1 up to ``max_points`` steps, else ⌈total / max_points⌉.
+
+    ``max_points`` defaults to :data:`MAX_TRAIN_POINTS` (read at call time).
+    """
+    return max(1, math.ceil(total_steps / (max_points or MAX_TRAIN_POINTS)))
+
+
 def _read_last_step(path: Path, wandb_id: str) -> int:
     """The last step handed to wandb for this id (−1 when none; a state of another id is ignored)."""
     if not path.exists():
@@ -156,6 +209,8 @@ def _read_last_step(path: Path, wandb_id: str) -> int:
 
 def _flat_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"status": result.get("status")}
+    if result.get("status") not in store.RunStatus.FINISHED:
+        return out  # an interrupted or failed run has no final numbers yet
     for section in ("metric", "stability", "cost"):
         for k, v in (result.get(section) or {}).items():
             if isinstance(v, (int, float, str)) and not isinstance(v, bool):
@@ -163,20 +218,54 @@ def _flat_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _Window:
+    """The training steps of one curve row: sums and max, the last step's samples and lr."""
+
+    __slots__ = ("grad_norm_max", "grad_norm_sum", "loss_sum", "lr", "n", "samples", "step")
+
+    def __init__(self) -> None:
+        self.n, self.loss_sum, self.grad_norm_sum, self.grad_norm_max = 0, 0.0, 0.0, -math.inf
+        self.step, self.samples, self.lr = -1, 0, 0.0
+
+    def add(self, step: int, samples: int, loss: float, grad_norm: float, lr: float) -> None:
+        self.n += 1
+        self.loss_sum += loss
+        self.grad_norm_sum += grad_norm
+        self.grad_norm_max = max(self.grad_norm_max, grad_norm)
+        self.step, self.samples, self.lr = step, samples, lr
+
+    def row(self) -> dict[str, float]:
+        return {
+            "samples": self.samples,
+            "train/loss": self.loss_sum / self.n,
+            "train/grad_norm": self.grad_norm_sum / self.n,
+            "train/grad_norm_max": self.grad_norm_max,
+            "train/lr": self.lr,
+        }
+
+
 class WandbTracker:
     """One run's mirror. Built by :func:`make_tracker`; every wandb call is guarded.
 
-    ``log`` is called by the loop at every evaluation; ``finish`` once by the worker after
-    training returns. After the first wandb error the tracker is inactive (one warning).
+    The loop calls ``log_train`` after every optimizer step and ``log`` at every evaluation;
+    the worker calls ``finish`` once after training returns. After the first wandb error the
+    tracker is inactive (one warning). ``budget_samples`` (the run's ``train.budget_samples``)
+    sets the curve's stride; without it every step is a row.
     """
 
-    def __init__(self, run: Any, run_dir: Path, wandb_id: str, mode: str) -> None:
+    def __init__(self, run: Any, run_dir: Path, wandb_id: str, mode: str, budget_samples: int | None = None) -> None:
         self.run = run
         self.wandb_id = wandb_id
         self.mode = mode
         self.state_path = run_dir / STATE_FILE
         self.last_step = _read_last_step(self.state_path, wandb_id)
         self.active = True
+        self.budget_samples = budget_samples
+        self.stride: int | None = None  # known at the first training step (samples per step)
+        self.final_step: int | None = None
+        self._window: _Window | None = None
+        self._rows: list[tuple[int, dict[str, Any]]] = []  # rows not yet handed to wandb
+        self._sent_at = time.monotonic()
 
     def _disable(self, what: str, exc: BaseException) -> None:
         self.active = False
@@ -187,32 +276,111 @@ class WandbTracker:
             stacklevel=3,
         )
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Mirror ``metrics`` at optimizer step ``step``; steps ≤ the last one logged are skipped."""
+    def log_train(self, step: int, samples: int, loss: float, grad_norm: float, lr: float) -> None:
+        """One optimizer step's training numbers (the loop calls it after every step; a few float ops).
+
+        Steps are gathered into windows of :attr:`stride` steps; a full window (or the run's last
+        step) becomes one curve row. Never raises; steps ≤ the last one mirrored are skipped.
+        """
         if not self.active or step <= self.last_step:
             return
         try:
-            # write-ahead: a kill between these two calls loses one mirrored point instead of sending it twice
-            store.atomic_write_json(self.state_path, {"wandb_id": self.wandb_id, "last_step": step})
-            self.last_step = step
-            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+            if self.stride is None:
+                samples_per_step = samples / (step + 1)
+                total = math.ceil(self.budget_samples / samples_per_step) if self.budget_samples else step + 1
+                self.final_step = max(1, total) - 1
+                self.stride = train_stride(max(1, total)) if self.budget_samples else 1
+            window = self._window = self._window or _Window()
+            window.add(step, samples, loss, grad_norm, lr)
+            if window.n >= self.stride or step >= (self.final_step or 0):
+                self._window = None
+                self._stage(step, window.row())
+        except (Exception, SystemExit) as exc:
+            self._disable("log", exc)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Mirror ``metrics`` (an evaluation) at optimizer step ``step``, in one row with that step's
+        training numbers (which win over a ``train/*`` key of ``metrics``), and send every row held;
+        steps ≤ the last one mirrored are skipped."""
+        if not self.active or step <= self.last_step:
+            return
+        try:
+            row = {k: v for k, v in metrics.items() if v is not None}
+            if self._window is not None and self._window.step == step:  # a partial window ends here
+                row |= self._window.row()
+                self._window = None
+            if self._rows and self._rows[-1][0] == step:
+                row |= self._rows.pop()[1]
+            self._rows.append((step, row))
+            self._send(len(self._rows))
         except (Exception, SystemExit) as exc:  # wandb's teardown paths can sys.exit; never into the loop
             self._disable("log", exc)
 
+    def _stage(self, step: int, row: dict[str, Any]) -> None:
+        """Hold a training row; every :data:`SEND_INTERVAL_S` send those held, all but this one (the
+        evaluation of its step, if any, comes next and joins it)."""
+        self._rows.append((step, row))
+        if time.monotonic() - self._sent_at >= SEND_INTERVAL_S:
+            self._send(len(self._rows) - 1)
+
+    def _send(self, n: int) -> None:
+        """Hand the first ``n`` rows held to wandb, after recording the last of their steps."""
+        if n <= 0:
+            return
+        rows, self._rows = self._rows[:n], self._rows[n:]
+        # write-ahead: a kill between the state write and wandb's writes loses these rows from the
+        # mirror instead of sending them twice after the resume
+        _replace_text(self.state_path, json.dumps({"wandb_id": self.wandb_id, "last_step": rows[-1][0]}))
+        self.last_step = rows[-1][0]
+        self._sent_at = time.monotonic()
+        for step, row in rows:
+            self.run.log(row, step=step)
+
     def finish(self, result: Mapping[str, Any] | None = None) -> None:
-        """Write the final result into the run summary (finished runs) and close the wandb run."""
+        """Send the rows still held, write the status (and a finished run's final numbers) into the
+        run summary, and close the wandb run."""
         if not self.active:
             return
-        self.active = False
         status = (result or {}).get("status")
+        self.active = False
+        failed: BaseException | None = None
         try:
-            if status in store.RunStatus.FINISHED:
-                self.run.summary.update(_flat_summary(result or {}))
+            if self._window is not None and self._window.n:
+                window, self._window = self._window, None
+                self._rows.append((window.step, window.row()))
+            self._send(len(self._rows))
+            if result is not None:
+                self.run.summary.update(_flat_summary(result))
             if status == "interrupted":
                 self.run.mark_preempting()  # shown as preempted; a re-launch resumes the same wandb run
+        except (Exception, SystemExit) as exc:
+            failed = exc
+        try:  # closed even when the rows could not be sent
             self.run.finish(exit_code=0 if status in store.RunStatus.FINISHED else 1)
         except (Exception, SystemExit) as exc:
-            self._disable("finish", exc)
+            failed = failed or exc
+        if failed is not None:
+            self._disable("finish", failed)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Replace ``path`` by rename (atomic for readers and kills; not fsynced — called per curve row)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def wandb_destination(cfg: Mapping[str, Any], run_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``project``, ``entity`` and ``dir`` for ``wandb.init`` (see the module docstring for the precedence)."""
+    env = os.environ if env is None else env
+    project = cfg.get("project") or DEFAULT_PROJECT
+    if project == DEFAULT_PROJECT:
+        project = env.get("WANDB_PROJECT") or DEFAULT_PROJECT
+    return {
+        "project": project,
+        "entity": cfg.get("entity") or env.get("WANDB_ENTITY") or None,
+        "dir": env.get("WANDB_DIR") or str(run_dir),
+    }
 
 
 def _init(
@@ -229,16 +397,24 @@ def _init(
         disable_git=True,  # the code version is in the config
         save_code=False,
     )
+    dest = wandb_destination(cfg, run_dir)
+    Path(dest["dir"]).mkdir(parents=True, exist_ok=True)
     run = wandb.init(
-        project=cfg.get("project", "trickbench"),
+        **dest,
         id=wandb_run_id(cell),
         resume="allow",
         name=f"{cell.task} {cell.arm} s{cell.seed}",
-        group=cell.grid,
+        group=wandb_group(cell),
         job_type=cell.task,
-        tags=[cell.task, *cell.tricks_on],
-        config={**cell.config, "arm": cell.arm, "run_id": cell.run_id, "code_version": code_version},
-        dir=str(run_dir),
+        tags=[cell.task, *(cell.tricks_on or ("baseline",))],
+        config={
+            **cell.config,
+            "grid": cell.grid,
+            "arm": cell.arm,
+            "tricks_on": list(cell.tricks_on),
+            "run_id": cell.run_id,
+            "code_version": code_version,
+        },
         mode=mode,
         settings=settings,
     )
@@ -302,7 +478,7 @@ def make_tracker(
             stacklevel=2,
         )
         return _offline_fallback(wandb, cell, run_dir, cfg, code_version, init_timeout_s)
-    return WandbTracker(run, run_dir, wandb_run_id(cell), mode)
+    return WandbTracker(run, run_dir, wandb_run_id(cell), mode, _budget(cell))
 
 
 def _offline_fallback(
@@ -316,4 +492,9 @@ def _offline_fallback(
     except (Exception, SystemExit) as exc:
         warnings.warn(f"wandb offline init failed too ({exc!r}); not mirroring", RuntimeWarning, stacklevel=3)
         return None
-    return WandbTracker(run, run_dir, wandb_run_id(cell), "offline")
+    return WandbTracker(run, run_dir, wandb_run_id(cell), "offline", _budget(cell))
+
+
+def _budget(cell: Cell) -> int | None:
+    budget = (cell.config.get("train") or {}).get("budget_samples")
+    return int(budget) if isinstance(budget, (int, float)) and budget > 0 else None

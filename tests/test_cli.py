@@ -1,0 +1,115 @@
+"""The ``bench`` command as a shell user meets it: start-up imports, pipes, file modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import store
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "numpy", "pandas", "scipy", "matplotlib", "wandb", "experiments.registry", "tricks.registry")
+
+
+def _bench(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, **kw)
+
+
+# --- start-up -------------------------------------------------------------------------------------
+
+
+def test_help_imports_nothing_heavy() -> None:
+    """``bench --help`` and the help of the commands that do not train start without torch."""
+    script = f"""
+import contextlib, io, json, sys
+from bench.cli import main
+seen = {{}}
+for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["status", "--help"], ["report", "--help"], []):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    assert code in (0, 2) and "usage: bench" in out.getvalue(), (argv, code)
+    seen[" ".join(argv) or "(none)"] = [m for m in {HEAVY!r} if m in sys.modules]
+print(json.dumps(seen))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert all(not heavy for heavy in seen.values()), seen
+    assert len(seen) == 6
+
+
+def test_help_epilogs_teach_overrides_and_selection(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("tasks.toy_diffusion.train.lr=3e-3", "+tasks.", "~tasks.", "--tricks ema", "--seeds 0-3,7"):
+        assert needle in text, needle
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "seeds=8" in capsys.readouterr().out
+
+
+# --- pipes ----------------------------------------------------------------------------------------
+
+
+def test_status_into_a_pipe_closed_after_the_first_line_ends_quietly(tmp_path: Path) -> None:
+    """``bench status GRID | head -1`` on a 2,000-run grid: more output than a pipe buffer holds."""
+    from bench.runner import write_grid_spec
+    from bench.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "grid": "big",
+            "seeds": 1000,
+            "tasks": {"cifar_autoencoder": {"params": {"data": "offline"}, "tricks": ["ema"]}},
+        }
+    )
+    write_grid_spec(spec, tmp_path / "big")
+    proc = _bench("status", str(tmp_path / "big"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # like `head -1` exiting
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert first.startswith(b"grid big: 2000 runs"), first
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert code == 141, (code, err)
+
+
+def test_help_into_a_closed_pipe_ends_quietly() -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # nobody reads: the first write fails with EPIPE
+    try:
+        proc = _bench("--help", stdout=write_fd, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_fd)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141)  # argparse itself ignores a failed write of the help
+    assert err == "", err
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664), (0o077, 0o600)])
+def test_store_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "runs" / "result.json"
+        store.atomic_write_json(path, {"status": "completed"})
+        assert stat.S_IMODE(path.stat().st_mode) == mode
+        store.atomic_write_text(path, "replaced\n")  # replacing keeps the umask's mode too
+        assert stat.S_IMODE(path.stat().st_mode) == mode and path.read_text() == "replaced\n"
+    finally:
+        os.umask(old)
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"], "no temporary file left behind"
