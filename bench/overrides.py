@@ -281,12 +281,16 @@ def _schema_keys(root: dict[str, Any], at: tuple[str, ...]) -> set[str]:
     if len(at) == 3 and at[2] == "train":
         return set(spec_mod.TRAIN_MAP)
     if len(at) == 3 and at[2] == "params":
+        from experiments.registry import get_task
+
         try:
-            return set(spec_mod.task_cls_params(spec_mod.get_task(str(block.get("task", at[1])))))
+            return set(spec_mod.task_cls_params(get_task(str(block.get("task", at[1])))))
         except KeyError:
             return set()
     if len(at) == 4 and at[2] == "tricks":
-        card = spec_mod.REGISTRY.get(at[3])
+        from tricks.registry import cards
+
+        card = cards().get(at[3])
         return {p.name for p in card.params} if card is not None else set()
     return set()
 
