@@ -214,8 +214,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
-    p = sub.add_parser("list", help="the tricks (with their cards) and tasks, and which tricks apply to which task")
-    p.add_argument("what", nargs="?", choices=("all", "tricks", "tasks", "matrix"), default="all")
+    p = sub.add_parser(
+        "list",
+        help="the tricks and tasks, which tricks apply to which task; `bench list ema` for one trick's full card",
+        description="Without an argument: every trick (role, summary, tasks it applies to), every task and the "
+        "applicability matrix. With a section (tricks, tasks, matrix): only that. With a trick's name: its whole "
+        "card — parameters with units and ranges, the defaults a run of each task uses, cost, expected effect, "
+        "references, incompatibilities. With a task's name: its metric, parameters, train defaults and the "
+        "defaults of every trick that applies to it.",
+    )
+    p.add_argument(
+        "what", nargs="?", default="all", metavar="WHAT", help="all | tricks | tasks | matrix | TRICK | TASK"
+    )
     p = sub.add_parser(
         "status",
         help="counts and a per-run table of a grid: completed / running / pending / requeued / partial / "

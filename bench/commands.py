@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,29 +221,14 @@ def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptio
 
 
 def cmd_list(what: str) -> int:
-    from experiments.registry import available_tasks
-    from tricks.registry import REGISTRY
+    """``bench list [WHAT]``: see :mod:`bench.listing`. Exit 2 with a did-you-mean for an unknown name."""
+    from bench.listing import render
 
-    tasks = available_tasks()
-    if what in ("all", "tricks"):
-        print("TRICKS")
-        for name, card in REGISTRY.items():
-            applies = ", ".join(t for t, cls in tasks.items() if name in cls.tricks) or "(no task yet)"
-            print(f"  {name:<24} {card.summary}")
-            params = ", ".join(f"{p.name}={p.default!r}{(' ' + p.unit) if p.unit else ''}" for p in card.params)
-            print(f"  {'':<24} params: {params or '(none)'}")
-            print(f"  {'':<24} applies to: {applies}")
-    if what in ("all", "tasks"):
-        print("\nTASKS")
-        for name, cls in tasks.items():
-            print(f"  {name:<20} {cls.summary}")
-            print(f"  {'':<20} metric: {cls.metric} ({'higher' if cls.higher_is_better else 'lower'} is better)")
-    if what in ("all", "matrix"):
-        print("\nAPPLICABILITY (task × trick; x = applies)")
-        names = list(tasks)
-        print(f"  {'':<24}" + "".join(f"{n[:18]:>20}" for n in names))
-        for trick in REGISTRY:
-            print(f"  {trick:<24}" + "".join(f"{'x' if trick in tasks[n].tricks else '.':>20}" for n in names))
+    try:
+        print(render(what))
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
