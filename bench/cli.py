@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.spec import SpecError
+# Nothing heavy at module level (no torch, pandas, registries): `bench run missing.yaml` or a hostile spec
+# is refused in a fraction of a second; commands import what they need when they run.
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "experiments" / "grids" / "quick.yaml"
 DEFAULT_RESULTS = Path("results")
@@ -61,6 +62,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; train and write nothing")
+    p.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="allow a spec to plan up to N runs (default: 10000; at most 1000000) — a guard against a typo "
+        "that plans a million runs",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument(
         "--wandb",
@@ -149,8 +158,12 @@ def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
     mod.add_arguments(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``bench`` argument parser (all subcommands)."""
+def build_parser(options_of: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The ``bench`` argument parser (all subcommands).
+
+    ``options_of``: the subcommands among ``check``/``perf`` whose own options are added (importing their
+    modules, which import torch); None adds both. :func:`main` adds only those of the command it runs.
+    """
     parser = argparse.ArgumentParser(
         prog="bench",
         description="trickbench: does a training trick help, how much, how reliably, at what cost?",
@@ -175,14 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Regression check of the trick implementations: re-runs the small deterministic "
         "grids and compares every metric with the committed baselines within tolerances.",
     )
-    _optional_arguments("bench.check", p)
+    if options_of is None or "check" in options_of:
+        _optional_arguments("bench.check", p)
     p = sub.add_parser("perf", help="benchmark the harness against a bare PyTorch loop, and the cost of each trick")
-    _optional_arguments("bench.perf", p)
+    if options_of is None or "perf" in options_of:
+        _optional_arguments("bench.perf", p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(options_of=(command,) if command in ("check", "perf") else ())
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -208,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.commands import cmd_report
 
             return cmd_report(args.grid)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # bench.spec.SpecError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

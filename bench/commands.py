@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import store
-from bench.runner import LaunchPlan, code_version, grid_cells, plan, write_grid_spec
+from bench.runner import LaunchPlan, code_version, grid_cells, plan_for, write_grid_spec
+from bench.spec import load_spec
 
 if TYPE_CHECKING:
     from bench.executors.slurm import SlurmOptions
@@ -57,8 +58,20 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
     return SlurmOptions(**given)
 
 
+def _max_runs(args: argparse.Namespace) -> int:
+    """``--max-runs`` (the cap on runs a spec may plan), validated; the default cap when not given."""
+    from bench.specfile import DEFAULT_MAX_RUNS, MAX_RUNS_CEILING
+
+    n = getattr(args, "max_runs", None)
+    if n is None:
+        return DEFAULT_MAX_RUNS
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RUNS_CEILING:
+        raise ValueError(f"--max-runs: {n!r} is not allowed; allowed: an integer 1..{MAX_RUNS_CEILING}")
+    return n
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    launch = plan(args.spec, args.results)  # SpecError here: nothing written
+    launch = plan_for(load_spec(args.spec, max_runs=_max_runs(args)), args.results)  # SpecError: nothing written
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
