@@ -96,6 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             tasks = -(-len(launch.todo) // slurm.runs_per_task)
             print(f"would submit {len(launch.todo)} runs as {tasks} array tasks ({slurm.runs_per_task} per task)")
         return 0
+    moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
+    for run_id, reason, target in moved:
+        print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
+    if moved:
+        launch = plan_for(launch.spec, args.results)
     write_grid_spec(launch.spec, launch.grid_dir)
     version = code_version()
     if slurm is not None:
@@ -258,7 +263,10 @@ def run_view(rdir: Path, job: str | None, queue: dict[str, str] | None) -> tuple
     ``state.json`` and, for SLURM grids, the queue (``running`` / ``requeued`` / ``pending``)."""
     from bench.executors.worker import read_state
 
-    disk = store.run_status(rdir)
+    check = store.check_run(rdir)
+    disk = check.status
+    if disk == store.RunStatus.DAMAGED:
+        return disk, f"{check.reason} (left out of the report; the next `bench run` moves it aside and retrains it)"
     if disk == store.RunStatus.FAILED:
         err = store.read_json(rdir / store.ERROR)
         return disk, err["error"] + "".join("\n        " + line for line in err["traceback_tail"][-3:])
@@ -299,6 +307,8 @@ def cmd_status(grid: Path) -> int:
     rows = []
     for c in cells:
         st, detail = run_view(dirs[c.run_id], jobs.get(c.run_id), queue)
+        notes = store.run_notes(dirs[c.run_id])  # e.g. resumed from the previous checkpoint: the latest was damaged
+        detail = f"{detail}; {notes}" if detail and notes else detail or notes
         counts[st] = counts.get(st, 0) + 1
         rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}".rstrip())
     order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
@@ -311,8 +321,12 @@ def cmd_status(grid: Path) -> int:
 
 def cmd_report(grid: Path) -> int:
     from bench.report import write_report
+    from bench.stats import analyze_grid
 
     grid_cells(grid)  # a clear error when this is not a launched grid
     store.write_summary(grid)
-    print(f"report: {write_report(grid)}")
+    stats = analyze_grid(grid)
+    for run_id, why in stats.damaged.items():  # left out of the report; never a reason to stop it
+        print(f"damaged run left out: {run_id} {why}")
+    print(f"report: {write_report(grid, stats)}")
     return 0

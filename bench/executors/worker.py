@@ -101,9 +101,11 @@ def run_one(
     SLURM job, e.g. ``1234_5``) is recorded in the run's ``state.json`` with host, pid and heartbeat.
     """
     out = store.run_dir(results_root, cell.grid, cell.run_id)
-    status = store.run_status(out)
-    if status in store.RunStatus.FINISHED:
-        return {"status": status, "skipped": True}
+    check = store.check_run(out)
+    if check.status in store.RunStatus.FINISHED:
+        return {"status": check.status, "skipped": True}
+    if check.status == store.RunStatus.DAMAGED:  # moved aside (never deleted); trained again from an empty folder
+        store.quarantine_run(out, check.reason)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / store.CONFIG).exists():
         write_config(cell, out, ctx.code_version, grid_tricks)
