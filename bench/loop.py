@@ -547,7 +547,7 @@ class _Trainer:
             store.atomic_write_bytes(self.out_dir / "final_model.pt", buf.getvalue())
         # size and SHA-256 of what the report reads: a later change to any of them marks the run damaged
         result["artefacts"] = store.artefact_manifest(self.out_dir)
-        store.atomic_write_json(self.out_dir / store.RESULT, result)  # written last: its presence = done
+        store.atomic_write_json(self.out_dir / store.RESULT, store.sealed(result))  # last: its presence = done
         checkpoints.remove(self.out_dir)
         return result
 

@@ -20,20 +20,21 @@ Example::
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.specfile import (
     DEFAULT_MAX_RUNS,
+    GRID_NAME,
     INT64_MAX,
     MAX_RUNS_CEILING,
     MAX_SEEDS,
     SpecError,
     check_limits,
+    grid_name_problem,
     load_yaml,
+    seed_duplicates_problem,
     short_repr,
 )
 from tricks.card import Param, ParamError, did_you_mean, validate_params
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 DESIGNS = ("one_at_a_time", "leave_one_out", "full_factorial", "fractional_factorial")
-GRID_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z, not $: a trailing newline is not part of a name
 TOP_KEYS = ("grid", "description", "design", "seeds", "tasks", "wandb", "fraction")
 TASK_KEYS = ("task", "params", "train", "tricks")
 _REGISTRY_NAMES = ("TASK_NAMES", "REGISTRY", "get_task")
@@ -210,11 +210,8 @@ def parse_spec(data: Any, source: str = "spec", max_runs: int | None = None) -> 
             problems.append(f"{key}: unknown key; allowed: {', '.join(TOP_KEYS)}" + (f" ({hint})" if hint else ""))
 
     grid = data.get("grid")
-    if not isinstance(grid, str) or not GRID_NAME.match(grid):
-        problems.append(
-            f"grid: {short_repr(grid)} is not allowed; allowed: a name of lower-case letters, digits, '_', '-', '.' "
-            "(1-64 characters, starting with a letter or digit) — it names the results folder"
-        )
+    if grid_name_problem(grid):
+        problems.append(grid_name_problem(grid))
     description = data.get("description", "")
     if not isinstance(description, str):
         problems.append(f"description: {short_repr(description)} is not allowed; allowed: a string")
@@ -297,9 +294,8 @@ def _parse_seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
         and 0 < len(raw) <= MAX_SEEDS
         and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in raw)
     ):
-        dupes = sorted(s for s, n in Counter(raw).items() if n > 1)
-        if dupes:
-            problems.append(f"seeds: {short_repr(dupes)} listed more than once (duplicates); allowed: {allowed}")
+        if seed_duplicates_problem(raw):
+            problems.append(seed_duplicates_problem(raw))
             return ()
         return tuple(raw)
     problems.append(f"seeds: {short_repr(raw)} is not allowed; allowed: {allowed}")

@@ -8,10 +8,10 @@ neither writes anything; both answer a hostile spec within milliseconds and with
 - YAML: no anchors or aliases (a "billion laughs" alias bomb is refused before anything is expanded),
   nesting at most :data:`MAX_DEPTH` deep, at most :data:`MAX_NODES` values, no duplicate keys, every key a
   string, no code (``yaml.safe_load`` semantics: ``!!python/...`` tags are refused);
-- the data: names (mapping keys, trick names in the list form) of letters, digits, ``_ - .`` only (no
-  control characters, no trailing newline, no path separators), strings without control characters,
+- the data: names (the grid, mapping keys, trick names in the list form) of letters, digits, ``_ - .`` only
+  (no control characters, no trailing newline, no path separators), strings without control characters,
   integers that fit 64 bits, sample counts (``*_samples``) at most :data:`MAX_SAMPLES`, at most
-  :data:`MAX_SEEDS` seeds in either form, no trick listed twice, and a planned number of runs — counted
+  :data:`MAX_SEEDS` seeds in either form, no seed or trick listed twice, and a planned number of runs — counted
   arithmetically, arms × seeds, never by expanding the grid — at most the caller's ``max_runs``
   (:data:`DEFAULT_MAX_RUNS` for ``bench run``; raise it with ``--max-runs``).
 
@@ -25,6 +25,7 @@ import math
 import re
 import stat
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_SPEC_BYTES",
     "SpecError",
     "check_limits",
+    "grid_name_problem",
     "load_yaml",
     "planned_runs",
     "short_repr",
@@ -57,6 +59,7 @@ MAX_STRING_CHARS = 1000  # any string but ``description``
 MAX_DESCRIPTION_CHARS = 100_000
 INT64_MAX = 2**63 - 1
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+GRID_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}\Z")  # \Z, not $: a trailing newline is not part of a name
 NAME_RULE = "a name of letters, digits, '_', '-', '.' (1-64 characters; no spaces, control characters or '/')"
 FREE_TEXT_KEYS = ("description",)  # strings that may hold newlines and tabs
 
@@ -76,7 +79,10 @@ def short_repr(value: Any, limit: int = 60) -> str:
         return f"<{type(value).__name__} of {len(value)} items>"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
         return f"<integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits>"
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # a deeply nested value; an int past Python's digit limit
+        return f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -265,9 +271,11 @@ def _check_value(path: str, key: Any, value: Any, problems: list[str]) -> None:
             problems.append(f"{path}: {value} is too large; allowed: at most {MAX_SAMPLES:.0e} samples")
         return
     if isinstance(value, float):
-        if math.isfinite(value) and abs(value) > INT64_MAX:
+        if not math.isfinite(value):  # .inf, .nan, or a literal too large for a float (1e400)
+            problems.append(f"{path}: {value!r} is not allowed; allowed: a finite number")
+        elif abs(value) > INT64_MAX:
             problems.append(f"{path}: {value!r} is too large; allowed: |value| < 2^63 (about 9.2e18)")
-        elif isinstance(key, str) and key.endswith("_samples") and math.isfinite(value) and value > MAX_SAMPLES:
+        elif isinstance(key, str) and key.endswith("_samples") and value > MAX_SAMPLES:
             problems.append(f"{path}: {value!r} is too large; allowed: at most {MAX_SAMPLES:.0e} samples")
         return
     if isinstance(value, str):
@@ -280,6 +288,29 @@ def _check_value(path: str, key: Any, value: Any, problems: list[str]) -> None:
                 f"{path}: {short_repr(value)} contains control characters; allowed: printable text"
                 + ("" if free else " (names: letters, digits, '_', '-', '.')")
             )
+
+
+def grid_name_problem(grid: Any) -> str:
+    """The problem with ``grid`` as a grid name (it names the results folder), or ''."""
+    if isinstance(grid, str) and GRID_NAME.match(grid):
+        return ""
+    return (
+        f"grid: {short_repr(grid)} is not allowed; allowed: a name of lower-case letters, digits, '_', '-', '.' "
+        "(1-64 characters, starting with a letter or digit) — it names the results folder"
+    )
+
+
+def seed_duplicates_problem(raw: Any) -> str:
+    """The problem of a seeds list that names a seed twice, or ''."""
+    if not isinstance(raw, list) or not all(isinstance(s, int) for s in raw):
+        return ""
+    dupes = sorted(s for s, n in Counter(raw).items() if n > 1)
+    if not dupes:
+        return ""
+    return (
+        f"seeds: {short_repr(dupes)} listed more than once (duplicates); allowed: an integer count 1..{MAX_SEEDS} "
+        f"or a list of 1..{MAX_SEEDS} distinct integers 0..2^63-1"
+    )
 
 
 def _seed_count(raw: Any, problems: list[str]) -> int:
@@ -367,7 +398,11 @@ def check_limits(data: Any, max_runs: int = DEFAULT_MAX_RUNS) -> list[str]:
         _check_value(path, key, value, problems)
     if problems or not isinstance(data, dict):
         return problems
+    if "grid" in data and grid_name_problem(data["grid"]):  # names a folder: checked with the limits
+        problems.append(grid_name_problem(data["grid"]))
     n_seeds = _seed_count(data.get("seeds", 3), problems)
+    if seed_duplicates_problem(data.get("seeds")):
+        problems.append(seed_duplicates_problem(data.get("seeds")))
     _duplicate_tricks(data, problems)
     total, terms = planned_runs(data, n_seeds)
     if total > max_runs:

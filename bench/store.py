@@ -17,7 +17,7 @@ by exactly one worker, so no locks or database are needed, even for hundreds of 
 array tasks on a shared filesystem. Folder names are run ids (hex), never user strings.
 
 Integrity: ``result.json`` records the size and SHA-256 of every artefact the report reads
-(``artefacts``: config.json, curve.csv, train.csv, final_model.pt). :func:`check_run` verifies a
+(``artefacts``: config.json, curve.csv, train.csv, final_model.pt), and a digest of itself. :func:`check_run` verifies a
 run before anyone trusts it — sizes always, hashes of small files always and of large ones when
 ``deep`` (reading a grid for analysis), cached in memory by (size, mtime, ctime, inode) — and
 reports a run whose files do not match, or whose result.json / config.json / error.json cannot be
@@ -61,6 +61,7 @@ __all__ = [
     "run_dir",
     "run_notes",
     "run_status",
+    "sealed",
     "set_aside_damaged",
     "write_summary",
 ]
@@ -181,6 +182,21 @@ def artefact_manifest(run_dir: Path, names: Iterable[str] = ARTEFACTS) -> dict[s
     return out
 
 
+RESULT_DIGEST = "digest"  # in result.json: SHA-256 of the rest of it (canonical JSON), so any edit shows
+
+
+def _canonical_digest(obj: dict[str, Any]) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sealed(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with ``digest`` added: the SHA-256 of its canonical JSON. Write result.json as
+    ``atomic_write_json(path, sealed(result))``; :func:`check_run` then detects any later change to it."""
+    body = {k: v for k, v in result.items() if k != RESULT_DIGEST}
+    return {**body, RESULT_DIGEST: _canonical_digest(body)}
+
+
 @dataclass(frozen=True)
 class RunCheck:
     """What :func:`check_run` found: the run's status, and for ``damaged`` why."""
@@ -288,6 +304,9 @@ def _check_artefacts(path: Path, manifest: Any, deep: bool) -> None:
 
 def _check_finished(path: Path, meta: dict[str, Any] | None, deep: bool) -> str:
     res = _read_json_object(path / RESULT)
+    digest = res.pop(RESULT_DIGEST, None)  # absent in results written before it (and in SLURM's "incomplete")
+    if digest is not None and digest != _canonical_digest(res):
+        raise _Damage(f"{RESULT} does not match its digest: edited or garbled")
     _require(res, RESULT, _RESULT_FIELDS)
     status = res["status"]
     if status not in RunStatus.FINISHED:
