@@ -177,7 +177,13 @@ for case_id, spec, results in json.loads(Path(sys.argv[1]).read_text()):
         rc = main(["run", spec, "--results", results, "--no-progress"])
     out.append({{"id": case_id, "rc": rc, "s": time.perf_counter() - t0, "err": err.getvalue(),
                 "written": Path(results).exists()}})
-rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# peak resident memory of this program: VmHWM belongs to the address space exec created (ru_maxrss would
+# also count the pages of a large parent that forked us)
+try:
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    rss_mb = int(hwm.split()[1]) / 1024
+except (OSError, StopIteration):
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({{"cases": out, "rss_mb": rss_mb, "torch": "torch" in sys.modules}}))
 """
 
@@ -230,7 +236,7 @@ def test_hostile_spec_refused_fast_with_field_and_nothing_written(driven: dict, 
 
 
 def test_corpus_stays_small_and_never_imports_torch(driven: dict) -> None:
-    assert driven["rss_mb"] < MAX_RSS_MB, driven["rss_mb"]
+    assert 10 < driven["rss_mb"] < MAX_RSS_MB, driven["rss_mb"]  # measured (a Python needs > 10 MB), and small
     assert not driven["torch"], "rejecting a bad spec must not import torch (or the registries)"
     assert not (driven["tmp"] / "pwned").exists()
     assert len(driven["cases"]) >= 40
