@@ -190,8 +190,8 @@ class Resume:
             return None, f"{name} cannot be verified ({_short(exc)})"
         return payload, ""
 
-    def reject(self, name: str, reason: str) -> None:
-        """Set checkpoint ``name`` aside (``quarantine/<n>.<name>``) because of ``reason``."""
+    def _set_aside(self, name: str) -> str:
+        """Move file ``name`` of the run folder to ``quarantine/<n>.<name>``; return that relative path."""
         qdir = self.run_dir / store.QUARANTINE
         qdir.mkdir(exist_ok=True)
         n = 1
@@ -199,7 +199,21 @@ class Resume:
             n += 1
         with contextlib.suppress(FileNotFoundError):  # already gone: nothing to set aside
             os.replace(self.run_dir / name, qdir / f"{n}.{name}")
-        self.problems.append(f"{reason} (set aside as {store.QUARANTINE}/{n}.{name})")
+        return f"{store.QUARANTINE}/{n}.{name}"
+
+    def reject(self, name: str, reason: str) -> None:
+        """Set checkpoint ``name`` aside (``quarantine/<n>.<name>``) because of ``reason``."""
+        self.problems.append(f"{reason} (set aside as {self._set_aside(name)})")
+
+    def set_aside_leftovers(self) -> None:
+        """Before a clean restart: move the curves and model an earlier attempt left to ``quarantine/`` too.
+
+        The restart writes them anew; meanwhile the folder never looks like a finished run that lost its
+        ``result.json`` (curves, no checkpoint), which ``bench run`` would move aside as damaged.
+        """
+        for name in (store.CURVE, store.TRAIN_LOG, store.FINAL_MODEL):
+            if os.path.lexists(self.run_dir / name):
+                self._set_aside(name)
 
     def finish(self, outcome: str) -> None:
         """Record ``outcome`` (e.g. "resumed from checkpoint.prev.pt at step 12") if anything was set aside."""

@@ -341,6 +341,8 @@ class _Trainer:
             self.state.resumes += 1
             resume.finish(f"resumed from {name} at step {self.state.step}")
             return
+        if resume.problems:  # nothing usable: the earlier attempt's curves go aside with its checkpoints
+            resume.set_aside_leftovers()
         resume.finish("restarted from scratch")
 
     # --- evaluation -----------------------------------------------------------------------

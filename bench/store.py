@@ -435,7 +435,8 @@ def load_grid(path: Path) -> pd.DataFrame:  # pandas imported lazily: SLURM work
     for rdir in sorted(runs.iterdir()) if runs.is_dir() else []:
         check = check_run(rdir, deep=True)
         if check.status == RunStatus.DAMAGED:
-            rows.append({"run_id": rdir.name, "status": check.status, "reason": check.reason})
+            row = {"run_id": rdir.name, "task": None, "arm": None, "seed": None, "status": check.status}
+            rows.append(row | {"reason": check.reason})
             continue
         meta = _config_or_none(rdir)
         if meta is None:

@@ -130,6 +130,7 @@ DAMAGING = (
 HARMLESS = [("state.json", k) for k in JSON_KINDS if k is not edited_value]
 
 
+@pytest.mark.slow  # ~15 s of CPU: 45 runs trained, 36 of them twice, two reports
 def test_every_damaged_file_is_named_left_out_moved_aside_and_retrained(
     tmp_path: Path, synthetic_task: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,6 +174,16 @@ def test_every_damaged_file_is_named_left_out_moved_aside_and_retrained(
     summary = pd.read_csv(gdir / "summary.csv")
     assert (summary["status"] == "damaged").sum() == len(damaged)
     assert summary.loc[summary["status"] == "damaged", "metric.test_mse"].isna().all()
+
+    # left out exactly: the analysis is that of the same grid without the damaged runs
+    without = tmp_path / "without"
+    shutil.copytree(reference, without)
+    for rid in damaged:
+        shutil.rmtree(without / "runs" / rid)
+    got, want = analyze_grid(gdir), analyze_grid(without)
+    assert set(got.damaged) == set(damaged) and not want.damaged
+    for a, b in zip(got.tasks, want.tasks, strict=True):
+        pd.testing.assert_frame_equal(a.effects.drop(columns="seeds"), b.effects.drop(columns="seeds"))
 
     # run: exactly the damaged runs are moved aside (kept) and retrained; the rest are not touched
     assert _bench_run(spec_path, results) == 0
@@ -381,7 +392,8 @@ def test_both_checkpoints_damaged_restart_cleanly(tmp_path: Path, synthetic_task
     (event,) = store.read_json(rdir / store.RECOVERY)
     assert event["action"] == "restarted from scratch"
     assert "checkpoint.pt cannot be read" in event["reason"] and "checkpoint.prev.pt does not match" in event["reason"]
-    assert sorted(p.name for p in (rdir / store.QUARANTINE).iterdir()) == ["1.checkpoint.prev.pt", "1.checkpoint.pt"]
+    aside = sorted(p.name for p in (rdir / store.QUARANTINE).iterdir())
+    assert aside == ["1.checkpoint.prev.pt", "1.checkpoint.pt", "1.curve.csv", "1.train.csv"]
 
 
 class _Evil:
