@@ -29,6 +29,7 @@ import io
 import os
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,10 @@ def _feed(h: Any, obj: Any) -> None:
             _feed(h, v)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}".encode())
-        if all(type(x) in _SCALARS for x in obj):
-            h.update(repr(obj).encode())  # one C call for long metric histories
+        if all(type(x) is float for x in obj):  # long metric histories: their bits in one C call
+            h.update(b"f" + array("d", obj).tobytes())
+        elif all(type(x) in _SCALARS for x in obj):
+            h.update(repr(obj).encode())
         else:
             for x in obj:
                 _feed(h, x)

@@ -6,10 +6,14 @@ Layout (see DESIGN.md)::
     <results>/<grid>/runs/<run_id>/config.json  resolved config, code version, seed bundle
     <results>/<grid>/runs/<run_id>/curve.csv    evaluation metrics by samples seen
     <results>/<grid>/runs/<run_id>/train.csv    per-step train loss, gradient norm, lr
-    <results>/<grid>/runs/<run_id>/checkpoint.pt  latest valid checkpoint (atomic replace)
+    <results>/<grid>/runs/<run_id>/checkpoint.pt  latest checkpoint (bench.checkpoints)
+    <results>/<grid>/runs/<run_id>/checkpoint.prev.pt  the one before, kept until the next one is complete
+    <results>/<grid>/runs/<run_id>/recovery.json  damaged checkpoints the run fell back from, and why
+    <results>/<grid>/runs/<run_id>/quarantine/  checkpoints (and stale curves) set aside by that fallback
     <results>/<grid>/runs/<run_id>/result.json  final metrics, status, timings — written last
     <results>/<grid>/runs/<run_id>/error.json   a crash (traceback tail); the run is re-run on re-launch
     <results>/<grid>/summary.csv                one row per run (rewritten by `bench report`)
+    <results>/<grid>/quarantine/<run_id>.<n>/   a damaged run folder moved aside (+ <run_id>.<n>.json: why)
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
 reader (or a re-launch after a kill) never sees a partial file. Each run folder is written
