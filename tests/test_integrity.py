@@ -249,6 +249,25 @@ def test_damaged_files_of_unfinished_runs(tmp_path: Path) -> None:
     assert not rdir.exists() and store.check_run(rdir).status == store.RunStatus.PENDING
 
 
+def test_damaged_state_of_an_unfinished_run_never_stops_status_or_run(
+    tmp_path: Path, synthetic_task: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec_path, results = _write_spec(tmp_path, _spec("state", 1, TRICKS)), tmp_path / "results"
+    spec = load_spec(spec_path)
+    write_grid_spec(spec, results / "state")
+    cell = expand(spec)[0]
+    rdir = store.run_dir(results, "state", cell.run_id)
+    assert train(cell, rdir, RunContext(threads=1, max_steps=2))["status"] == "interrupted"
+    for text in ("", "{", "[1, 2]", '{"state": "running", "pid": "x", "updated": "soon", "attempts": "2"}'):
+        (rdir / "state.json").write_text(text)
+        assert main(["status", str(results / "state")]) == 0, text
+        row = next(x for x in capsys.readouterr().out.splitlines() if cell.run_id in x)
+        assert " partial " in row, (text, row)
+    assert _bench_run(spec_path, results, "--no-report") == 0
+    assert store.read_json(rdir / "state.json")["attempts"] == 1
+    assert store.check_run(rdir).status == store.RunStatus.COMPLETED
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 CKPT_TRAIN = {"budget_samples": 1024, "batch_size": 32, "eval_every_samples": 256, "checkpoint_every_samples": 128}
