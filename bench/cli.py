@@ -105,6 +105,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; train and write nothing")
+    p.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="allow a spec to plan up to N runs (default: 10000; at most 1000000) — a guard against a typo "
+        "that plans a million runs",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument(
         "--wandb",

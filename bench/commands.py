@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import store
-from bench.runner import LaunchPlan, code_version, grid_cells, plan, write_grid_spec
+from bench.runner import LaunchPlan, code_version, grid_cells, plan, plan_for, write_grid_spec
 from bench.selection import Selection, parse_names, parse_seeds
 
 if TYPE_CHECKING:
@@ -59,6 +59,18 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
     return SlurmOptions(**given)
 
 
+def _max_runs(args: argparse.Namespace) -> int:
+    """``--max-runs`` (the cap on runs a spec may plan), validated; the default cap when not given."""
+    from bench.specfile import DEFAULT_MAX_RUNS, MAX_RUNS_CEILING
+
+    n = getattr(args, "max_runs", None)
+    if n is None:
+        return DEFAULT_MAX_RUNS
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RUNS_CEILING:
+        raise ValueError(f"--max-runs: {n!r} is not allowed; allowed: an integer 1..{MAX_RUNS_CEILING}")
+    return n
+
+
 def run_inputs(args: argparse.Namespace) -> tuple[str, list[str], Selection]:
     """(spec path, overrides, selection) of ``bench run``'s arguments.
 
@@ -82,7 +94,8 @@ def run_inputs(args: argparse.Namespace) -> tuple[str, list[str], Selection]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec_path, overrides, selection = run_inputs(args)
-    launch = plan(spec_path, args.results, overrides, selection)  # SpecError / ValueError here: nothing written
+    # SpecError / ValueError here: nothing written
+    launch = plan(spec_path, args.results, overrides, selection, max_runs=_max_runs(args))
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
@@ -107,6 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             tasks = -(-len(launch.todo) // slurm.runs_per_task)
             print(f"would submit {len(launch.todo)} runs as {tasks} array tasks ({slurm.runs_per_task} per task)")
         return 0
+    moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
+    for run_id, reason, target in moved:
+        print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
+    if moved:
+        launch = plan_for(launch.spec, args.results, launch.overrides, launch.selection)
     write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
     version = code_version()
     if slurm is not None:
@@ -254,7 +272,10 @@ def run_view(rdir: Path, job: str | None, queue: dict[str, str] | None) -> tuple
     ``state.json`` and, for SLURM grids, the queue (``running`` / ``requeued`` / ``pending``)."""
     from bench.executors.worker import read_state
 
-    disk = store.run_status(rdir)
+    check = store.check_run(rdir)
+    disk = check.status
+    if disk == store.RunStatus.DAMAGED:
+        return disk, f"{check.reason} (left out of the report; the next `bench run` moves it aside and retrains it)"
     if disk == store.RunStatus.FAILED:
         err = store.read_json(rdir / store.ERROR)
         return disk, err["error"] + "".join("\n        " + line for line in err["traceback_tail"][-3:])
@@ -295,6 +316,8 @@ def cmd_status(grid: Path) -> int:
     rows = []
     for c in cells:
         st, detail = run_view(dirs[c.run_id], jobs.get(c.run_id), queue)
+        notes = store.run_notes(dirs[c.run_id])  # e.g. resumed from the previous checkpoint: the latest was damaged
+        detail = f"{detail}; {notes}" if detail and notes else detail or notes
         counts[st] = counts.get(st, 0) + 1
         rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}".rstrip())
     order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
@@ -307,8 +330,12 @@ def cmd_status(grid: Path) -> int:
 
 def cmd_report(grid: Path) -> int:
     from bench.report import write_report
+    from bench.stats import analyze_grid
 
     grid_cells(grid)  # a clear error when this is not a launched grid
     store.write_summary(grid)
-    print(f"report: {write_report(grid)}")
+    stats = analyze_grid(grid)
+    for run_id, why in stats.damaged.items():  # left out of the report; never a reason to stop it
+        print(f"damaged run left out: {run_id} {why}")
+    print(f"report: {write_report(grid, stats)}")
     return 0

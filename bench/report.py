@@ -235,6 +235,13 @@ def write_report(gdir: Path, stats: GridStats | None = None) -> Path:
         doc.para(gs.description)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(gs.status_counts.items()))
     doc.para(f"design `{gs.design}`, {len(gs.seeds)} seeds, {gs.n_cells} runs ({counts}).")
+    if gs.damaged:
+        doc.para(
+            f"**{len(gs.damaged)} damaged run{'s' * (len(gs.damaged) > 1)} left out of this analysis** (a file "
+            "cannot be read or does not match what the run recorded); the next `bench run` moves each aside "
+            "to `quarantine/` and trains it again:"
+        )
+        doc.bullets([f"`{rid}` {why}" for rid, why in gs.damaged.items()])
     doc.heading(2, "Summary")
     doc.table(*_summary_rows(gs))
     doc.heading(2, "How to read this report")
@@ -595,10 +602,15 @@ def terminal_summary(gdir: Path, stats: GridStats | None = None) -> str:
                     _seeds(v["seeds_needed"]),
                 ]
             )
+    damaged = (
+        f"\n{len(gs.damaged)} damaged run(s) left out (see `bench status`; `bench run` retrains them)"
+        if gs.damaged
+        else ""
+    )
     if not rows:
-        return f"grid {gs.grid}: no trick effects to summarise yet"
+        return f"grid {gs.grid}: no trick effects to summarise yet" + damaged
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("effect = on − off, paired by seed; † fewer than 6 seeds; seeds = needed for a verdict")
-    return "\n".join(lines)
+    return "\n".join(lines) + damaged

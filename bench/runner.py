@@ -16,9 +16,10 @@ import yaml
 
 from bench import store
 from bench.grid import Cell, expand
-from bench.overrides import RECORD_KEY, apply_overrides, parse_overrides, read_spec_mapping, split_record
+from bench.overrides import RECORD_KEY, apply_overrides, parse_overrides, split_record
 from bench.selection import Selection, select_cells
 from bench.spec import GridSpec, parse_spec
+from bench.specfile import DEFAULT_MAX_RUNS, load_yaml
 
 __all__ = ["LaunchPlan", "code_version", "grid_cells", "plan", "write_grid_spec"]
 
@@ -87,6 +88,7 @@ def plan(
     results_root: Path,
     overrides: Sequence[str] = (),
     selection: Selection | None = None,
+    max_runs: int = DEFAULT_MAX_RUNS,
 ) -> LaunchPlan:
     """Validate the spec with its overrides and work out what to train; raises SpecError / ValueError, writes nothing.
 
@@ -94,11 +96,11 @@ def plan(
     validation; ``selection`` (:mod:`bench.selection`) keeps a subset of the expanded cells.
     """
     parsed = parse_overrides(overrides)  # grammar errors first, before the file is read
-    raw, recorded = split_record(read_spec_mapping(spec_path))
+    raw, recorded = split_record(load_yaml(spec_path))  # file, YAML and size limits first (bench.specfile)
     if parsed:
         raw = apply_overrides(raw, parsed, source=str(spec_path))
     source = f"{spec_path} with overrides" if parsed else str(spec_path)
-    spec = parse_spec(raw, source=source)
+    spec = parse_spec(raw, source=source, max_runs=max_runs)
     return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection())
 
 
@@ -114,6 +116,14 @@ def plan_for(
     return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value out: no anchors and aliases for objects the resolved spec shares (the spec
+    loader refuses them, as it refuses them in a user's spec)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def write_grid_spec(spec: GridSpec, gdir: Path, overrides: Sequence[str] = ()) -> None:
     """Store the resolved spec as ``grid.yaml``; a different earlier version is kept in ``history/``.
 
@@ -122,7 +132,7 @@ def write_grid_spec(spec: GridSpec, gdir: Path, overrides: Sequence[str] = ()) -
     a subset of it.
     """
     data = spec.to_dict() | ({RECORD_KEY: list(overrides)} if overrides else {})
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    text = yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
     path = gdir / "grid.yaml"
     if path.exists() and path.read_text() != text:
         hist = gdir / "history"
@@ -137,6 +147,6 @@ def grid_cells(gdir: Path) -> tuple[GridSpec, list[Cell]]:
     path = Path(gdir) / "grid.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{gdir} is not a launched grid (no grid.yaml); run `bench run SPEC` first")
-    raw, _recorded = split_record(yaml.safe_load(path.read_text()))
+    raw, _recorded = split_record(load_yaml(path))
     spec = parse_spec(raw, source=str(path))
     return spec, expand(spec)

@@ -792,6 +792,7 @@ class GridStats:
     status_counts: dict[str, int]
     tasks: list[TaskStats]
     run_ids: set[str] = field(default_factory=set)  # the runs of the current spec (older versions' runs excluded)
+    damaged: dict[str, str] = field(default_factory=dict)  # run_id -> "task / arm / seed s: why" (left out)
 
 
 def _task_class(name: str) -> Any:
@@ -807,9 +808,9 @@ def _direction_from_results(gdir: Path, run_ids: list[str]) -> tuple[str, bool] 
     """(primary metric, higher_is_better) as stored in the runs' result.json (when the task class is gone)."""
     for rid in run_ids:
         path = Path(gdir) / "runs" / rid / store.RESULT
-        if path.exists():
+        if store.run_status(path.parent) in store.RunStatus.FINISHED:  # verified: never a damaged file
             res = store.read_json(path)
-            if "primary_metric" in res:
+            if "primary_metric" in res and "higher_is_better" in res:
                 return res["primary_metric"], bool(res["higher_is_better"])
     return None
 
@@ -823,10 +824,15 @@ def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
     ids = {c.run_id for c in cells}
     runs = store.load_grid(gdir)
     runs = runs[runs["run_id"].isin(ids)] if len(runs) else runs
-    status = {c.run_id: store.run_status(gdir / "runs" / c.run_id) for c in cells}
+    checks = {c.run_id: store.check_run(gdir / "runs" / c.run_id, deep=True) for c in cells}
     counts: dict[str, int] = {}
-    for s in status.values():
-        counts[s] = counts.get(s, 0) + 1
+    for check in checks.values():
+        counts[check.status] = counts.get(check.status, 0) + 1
+    damaged = {
+        c.run_id: f"{c.task} / {c.arm} / seed {c.seed}: {checks[c.run_id].reason}"
+        for c in cells
+        if checks[c.run_id].status == store.RunStatus.DAMAGED
+    }
     tasks = []
     for t in spec.tasks:
         tr = runs[runs["task"] == t.label] if len(runs) else runs
@@ -853,4 +859,6 @@ def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
                 n_resamples=n_resamples,
             )
         )
-    return GridStats(spec.grid, spec.description, spec.design, list(spec.seeds), len(cells), counts, tasks, ids)
+    return GridStats(
+        spec.grid, spec.description, spec.design, list(spec.seeds), len(cells), counts, tasks, ids, damaged
+    )

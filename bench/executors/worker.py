@@ -28,12 +28,36 @@ HEARTBEAT_S = 15.0  # a training run refreshes state.json at most this often
 STALE_S = 120.0  # a "running" state.json not refreshed for this long is a dead worker (bench status)
 
 
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {  # what the fields a worker writes hold
+    "state": str,
+    "host": str,
+    "pid": int,
+    "job_id": (str, type(None)),
+    "updated": (int, float),
+    "started": (int, float),
+    "attempts": int,
+    "timeouts": int,
+    "requeues": int,
+    "step": (int, type(None)),
+    "total_steps": int,
+    "reason": (str, type(None)),
+}
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
-    """A run's ``state.json`` (worker, heartbeat, restart counters), or ``{}`` when absent or unreadable."""
+    """A run's ``state.json`` (worker, heartbeat, restart counters), or ``{}`` when absent or unreadable;
+    a known field of the wrong type (a damaged file) is dropped, so no reader trips over it."""
     try:
-        return dict(store.read_json(Path(run_dir) / STATE))
-    except (OSError, ValueError):
+        state = store.read_json(Path(run_dir) / STATE)
+    except (OSError, ValueError, RecursionError):
         return {}
+    if not isinstance(state, dict):
+        return {}
+    return {
+        k: v
+        for k, v in state.items()
+        if k not in _STATE_TYPES or (isinstance(v, _STATE_TYPES[k]) and not isinstance(v, bool))
+    }
 
 
 class RunState:
@@ -100,9 +124,11 @@ def run_one(
     SLURM job, e.g. ``1234_5``) is recorded in the run's ``state.json`` with host, pid and heartbeat.
     """
     out = store.run_dir(results_root, cell.grid, cell.run_id)
-    status = store.run_status(out)
-    if status in store.RunStatus.FINISHED:
-        return {"status": status, "skipped": True}
+    check = store.check_run(out)
+    if check.status in store.RunStatus.FINISHED:
+        return {"status": check.status, "skipped": True}
+    if check.status == store.RunStatus.DAMAGED:  # moved aside (never deleted); trained again from an empty folder
+        store.quarantine_run(out, check.reason)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / store.CONFIG).exists():
         write_config(cell, out, ctx.code_version, grid_tricks)
