@@ -299,7 +299,7 @@ def preflight(options: SlurmOptions, n_tasks: int, cluster: Cluster | None = Non
 
                 hint = did_you_mean(name, list(cluster.partitions))
                 raise ValueError(
-                    f"--slurm-partition: {name!r} is not a partition of this cluster{'; ' + hint if hint else ''}; "
+                    f"--slurm-partition: {name!r} is not a partition of this cluster{f' ({hint})' if hint else ''}; "
                     "allowed: "
                     f"{', '.join(sorted(cluster.partitions)) or '(none)'}"
                 )
@@ -337,15 +337,15 @@ def _partition_problem(options: SlurmOptions, cluster: Cluster, part: Partition,
     nodes = cluster.nodes_of(part.name)
     if not nodes:
         return f"--slurm-partition: {where} has no nodes"
-    gpus, gpu_type = options.gpus, options.gpu_type
+    gpus, gpu_type = options.gpus, options.gpu_kind
     if gpus:
         flag = options.gpu_flag
         fit = [n for n in nodes if n.gpus(gpu_type) >= gpus]
         if not fit:
             have = max(n.gpus(gpu_type) for n in nodes)
-            kind = f"{gpu_type} GPUs" if gpu_type else "GPUs"
+            kind = f"{gpu_type} GPU(s)" if gpu_type else "GPU(s)"
             if not any(n.gpus() for n in nodes):
-                return f"{flag}: {gpus} GPUs per task asked for, but {where} has no GPUs"
+                return f"{flag}: {gpus} GPU(s) per array task asked for, but {where} has no GPUs"
             types = sorted({t for n in nodes for t in n.gpu_types})
             return f"{flag}: {gpus} {kind} per task asked for, but the nodes of {where} have at most {have}" + (
                 f" (GPU types there: {', '.join(types)})" if types else " (GPUs there have no type)"
@@ -443,4 +443,7 @@ def sbatch_refusal(stderr: str, options: SlurmOptions) -> str:
     for pattern, flag in _REFUSALS:
         if re.search(pattern, lowered):
             return f"{flag}: sbatch refused the job array: {text}"
+    if options.sbatch:  # nothing trickbench maps: most likely one of the user's own sbatch options
+        given = " ".join(f"--slurm-sbatch {k}={v}" for k, v in options.sbatch)
+        return f"{given}: sbatch refused the job array: {text}"
     return f"--executor slurm: sbatch refused the job array: {text}"
