@@ -23,6 +23,7 @@ file of its array task (``<grid>/submitit/<job>/<job>_0_log.err``).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections import Counter
@@ -88,13 +89,17 @@ def log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
     return text.splitlines()[-lines:]
 
 
+_NOISE = re.compile(r"^(submitit (INFO|WARNING|DEBUG)|srun: error: .*: tasks? [\d,-]+: Exited with exit code)")
+
+
 def _last_words(path: Path | None) -> str:
-    """The last meaningful line of a task's stderr (submitit's own INFO lines skipped), quoted, or ''."""
+    """The last meaningful line of a task's stderr, quoted, or '' (submitit's INFO lines and srun's "Exited with
+    exit code" skipped: the exit status is reported on its own)."""
     if path is None:
         return ""
     for line in reversed(log_tail(path, 200)):
         line = line.strip()
-        if line and not line.startswith(("submitit INFO", "submitit WARNING", "submitit DEBUG")):
+        if line and not _NOISE.match(line):
             return f": {line[:200]!r}"
     return ""
 
@@ -146,23 +151,20 @@ def view_run(rdir: Path, job: str | None, queue: Mapping[str, Any] | None, grid_
     if disk in store.RunStatus.FINISHED:
         return RunView(disk, **counts)
     queued, why = _queue_entry(queue.get(job) if queue is not None and job else None)
-    where = f"job {job} " if job else ""
     step = f"step {state.get('step')}/{state.get('total_steps')}, " if state.get("total_steps") else ""
     age = counts["heartbeat_age_s"]
     seen = f"{age:.0f} s ago" if age is not None else ""
     wstate = state.get("state")
     if wstate == "running" and _alive(state, queued):
-        return RunView(
-            "running", f"{where}on {state.get('host')} (pid {state.get('pid')}), {step}seen {seen}", **counts
-        )
+        return RunView("running", f"on {state.get('host')} (pid {state.get('pid')}), {step}seen {seen}", **counts)
     if wstate in ("requeued", "interrupted") and queued is not None:
         back = queued.lower() + (f" ({why})" if why else "")
-        return RunView("requeued", f"{where}{back}: {state.get('reason') or 'interrupted'}", **counts)
+        return RunView("requeued", f"{back}: {state.get('reason') or 'interrupted'}", **counts)
     if queued is not None:
         waiting = queued.lower() + (f" ({why})" if why else "")
         if wstate == "reopened":
             waiting += "; reopened after incomplete"
-        return RunView("pending", f"{where}{waiting}", **counts)
+        return RunView("pending", waiting, **counts)
     if job and queue is not None:  # its job has left the queue and the run is not finished
         return _ended_job_view(rdir, disk, state, job, grid_dir, counts)
     if disk == store.RunStatus.PARTIAL:

@@ -31,11 +31,11 @@ import yaml
 from bench import store
 from bench.cli import build_parser, main
 from bench.commands import cmd_status, slurm_options
-from bench.executors.slurm import job_records, queue_states, sbatch_script, wait_for_jobs
+from bench.executors.slurm import job_records, queue_jobs, queue_states, sbatch_script, wait_for_jobs
 from bench.executors.worker import read_state, run_one
 from bench.grid import expand
 from bench.loop import RunContext, train
-from bench.runner import write_grid_spec
+from bench.runner import plan, write_grid_spec
 from bench.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -674,6 +674,138 @@ def test_time_limits_requeue_a_refused_requeue_resumes_on_relaunch_and_retry_inc
     result = store.read_json(rdir / store.RESULT)
     assert result["cost"]["resumes"] == 3, result["cost"]
     _assert_same_run(rdir, reference)
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--slurm-cpus-per-run", "64"], "--slurm-cpus-per-run: an array task asks for 64 CPUs"),
+        (["--slurm-mem-gb", "4096"], "--slurm-mem-gb: an array task asks for 4096 GB"),
+        (["--slurm-time-min", "100000"], "--slurm-time-min: 100000 is more than partition"),
+        (["--slurm-gpus-per-run", "8"], "--slurm-gpus-per-run: 8 GPU(s) per array task asked for"),
+        (["--slurm-gpus-per-run", "h100:1"], "--slurm-gpus-per-run: 1 h100 GPU(s) per array task asked for"),
+        (["--slurm-gres", "gpu:h100:1"], "--slurm-gres: 1 h100 GPU(s) per array task asked for"),
+        (["--slurm-partition", "debugg"], "--slurm-partition: 'debugg' is not a partition of this cluster"),
+        (["--slurm-partition", "nogpu", "--slurm-gpus-per-run", "1"], "but partition 'nogpu' has no GPUs"),
+        (["--slurm-sbatch", "nodelist=no-such-node"], "--slurm-sbatch nodelist=no-such-node: sbatch refused"),
+    ],
+)
+@pytest.mark.parametrize("partition", ["default", "named", "dry-run"])
+def test_requests_the_cluster_cannot_run_are_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], named: str, partition: str
+) -> None:
+    """Above the node's CPUs, memory or GPUs (of a type), above MaxTime, GPUs on the GPU-less partition, a
+    partition that does not exist, an option sbatch itself refuses: exit 2, the flag named, nothing written or
+    queued — on the cluster's default partition, with --slurm-partition naming it, and in a --dry-run."""
+    if partition != "default" and "--slurm-partition" in flags:
+        pytest.skip("names its own partition")
+    extra = {"default": [], "named": ["--slurm-partition", "debug"], "dry-run": ["--dry-run"]}[partition]
+    spec_path, results = _write(tmp_path, _spec("refused", {"cifar_autoencoder": TINY_CIFAR})), tmp_path / "results"
+    before = set(queue_states() or {})
+    assert _bench_run(spec_path, results, "--executor", "slurm", *flags, *extra) == 2
+    err = capsys.readouterr().err
+    assert named in err, err
+    if partition == "default" and "--slurm-partition" not in flags and "--slurm-sbatch" not in flags:
+        assert "(the cluster's default)" in err, err
+    assert not results.exists()
+    assert set(queue_states() or {}) <= before
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+@pytest.mark.usefixtures("worker_env")
+def test_a_task_whose_python_exits_127_before_training_fails_its_runs_with_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A bad environment on the node (here: a setup line puts a sitecustomize that exits 127 on PYTHONPATH): both
+    array tasks end FAILED (exit 127); ``--slurm-wait`` exits 1 with a one-line reason; ``bench status`` shows both
+    runs failed with the log to read; ``--failed`` prints the end of that log; a re-launch resubmits them."""
+    broken = tmp_path / "broken-env"
+    broken.mkdir()
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\nprint('trickbench-test: libbroken.so.1: cannot open shared object file', file=sys.stderr)\n"
+        "sys.stderr.flush()\nos._exit(127)\n"
+    )
+    tiny = {"budget_samples": 256, "batch_size": 32, "eval_every_samples": 128, "checkpoint_every_samples": 128}
+    spec_path = _write(tmp_path, _spec("slurm-127", {"synthetic": {"train": tiny}}, seeds=2))
+    results = tmp_path / "results"
+    setup = f"export PYTHONPATH={broken}:$PYTHONPATH"
+    assert _bench_run(spec_path, results, "--executor", "slurm", "--slurm-setup", setup, "--slurm-wait") == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: 2 of 2 runs not finished (2 failed); run "), errors
+    assert "ended with exit status 127 without starting this run" in errors[0], errors
+    assert "libbroken.so.1: cannot open shared object file" in errors[0], errors
+    gdir = results / "slurm-127"
+    jobs = job_records(gdir)
+    assert len(set(jobs.values())) == 2
+    for job in jobs.values():
+        assert (gdir / "submitit" / job / "exit_status").read_text().strip() == "127"  # the task exited non-zero
+    cmd_status(gdir)
+    out = capsys.readouterr().out
+    assert "2 runs — 2 failed" in out, out
+    for job in jobs.values():
+        assert f"log: {gdir}/submitit/{job}/{job}_0_log.err" in out, out
+    cmd_status(gdir, failed=True)
+    out = capsys.readouterr().out
+    assert out.count("| trickbench-test: libbroken.so.1: cannot open shared object file") == 2, out
+    launch = plan(gdir / "grid.yaml", results)
+    assert len(launch.todo) == 2  # a re-launch (with the environment fixed) submits both again
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
+@pytest.mark.usefixtures("worker_env")
+def test_a_1200_run_grid_is_submitted_as_arrays_within_max_array_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """1,200 tiny runs, one per array task, on a cluster with SLURM's default MaxArraySize=1001: two arrays (1001 +
+    199), no sbatch error; every run mapped to its own task; squeue's pending reason (BeginTime: submitted to start
+    in an hour) in ``bench status``; one task of the second array started early trains exactly its run."""
+    max_array = int(_cluster_config().get("MaxArraySize", "1001"))
+    if max_array > 1200:
+        pytest.skip(f"MaxArraySize={max_array}: start the test cluster with SLURM's default 1001 (slurm/cluster.sh)")
+    n = 1200
+    tiny = {"budget_samples": 64, "batch_size": 32, "eval_every_samples": 64, "checkpoint_every_samples": 64}
+    two_arms = {"train": tiny, "tricks": {"ema": {"half_life_samples": 32}}}  # baseline and +ema, 600 seeds each
+    spec = _spec("slurm-1200", {"synthetic": two_arms}, seeds=n // 2)
+    spec_path, results = _write(tmp_path, spec), tmp_path / "results"
+    later = ["--executor", "slurm", "--slurm-sbatch", "begin=now+3600"]
+    assert _bench_run(spec_path, results, *later, "--dry-run") == 0
+    sizes = [max_array] * (n // max_array) + [n % max_array] * (n % max_array > 0)
+    assert f"would submit {n} runs as {n} array tasks (1 per task) in {len(sizes)} arrays" in capsys.readouterr().out
+    assert _bench_run(spec_path, results, *later) == 0
+    out, err = capsys.readouterr()
+    arrays = sorted({job.split("_")[0] for job in job_records(results / "slurm-1200").values()}, key=int)
+    try:
+        assert f"submitted {n} runs as {n} array tasks (1 per task): jobs {', '.join(arrays)}" in out, out + err
+        gdir = results / "slurm-1200"
+        jobs = job_records(gdir)
+        assert len(jobs) == n and len(set(jobs.values())) == n
+        queued = {j: s for j, s in (queue_states("trickbench-slurm-1200") or {}).items()}
+        assert sorted(queued) == sorted(jobs.values()) and set(queued.values()) == {"PENDING"}
+        assert [sum(j.startswith(a + "_") for j in queued) for a in arrays] == sizes
+        launch = store.read_json(gdir / "submitit" / "jobs.json")["launches"][0]
+        assert [a["tasks"] for a in launch["arrays"]] == sizes and launch["released"] is True
+
+        last = f"{arrays[-1]}_{sizes[-1] - 1}"  # the last task of the last array
+        (run_id,) = [r for r, j in jobs.items() if j == last]
+        cell = next(c for c in expand(parse_spec(spec)) if c.run_id == run_id)
+        entry = lambda: (queue_jobs("trickbench-slurm-1200") or {}).get(last)  # noqa: E731
+        _wait_until(lambda: entry() is not None and entry().reason == "BeginTime", 60, "the scheduler's reason")
+        cmd_status(gdir)
+        status = capsys.readouterr().out
+        assert f"{n} runs — {n} pending" in status and f"job {last}  pending (BeginTime)" in status, status[:2000]
+        subprocess.run(["scontrol", "update", f"jobid={last}", "StartTime=now"], check=True, timeout=30)
+        wait_for_jobs([last], poll_s=0.5, timeout_s=180)
+        rdir = store.run_dir(results, "slurm-1200", run_id)
+        assert store.read_json(rdir / store.RESULT)["status"] == "completed"
+        assert store.read_json(rdir / store.CONFIG)["seed"] == cell.seed and read_state(rdir)["job_id"] == last
+        assert sum((d / store.RESULT).exists() for d in (gdir / "runs").iterdir()) == 1
+    finally:
+        subprocess.run(["scancel", *arrays], check=False, timeout=60)
 
 
 #: array tasks of the concurrency test. Each is a fresh Python that imports torch (~2 CPU-s), torch._dynamo (~2 CPU-s,

@@ -347,7 +347,7 @@ def _partition_problem(options: SlurmOptions, cluster: Cluster, part: Partition,
             if not any(n.gpus() for n in nodes):
                 return f"{flag}: {gpus} GPU(s) per array task asked for, but {where} has no GPUs"
             types = sorted({t for n in nodes for t in n.gpu_types})
-            return f"{flag}: {gpus} {kind} per task asked for, but the nodes of {where} have at most {have}" + (
+            return f"{flag}: {gpus} {kind} per array task asked for, but the nodes of {where} have at most {have}" + (
                 f" (GPU types there: {', '.join(types)})" if types else " (GPUs there have no type)"
             )
         nodes = fit
