@@ -162,6 +162,8 @@ def view_run(rdir: Path, job: str | None, queue: Mapping[str, Any] | None, grid_
         return RunView("requeued", f"{back}: {state.get('reason') or 'interrupted'}", **counts)
     if queued is not None:
         waiting = queued.lower() + (f" ({why})" if why else "")
+        if queued == "RUNNING":
+            waiting = "its array task is running; this run waits its turn in it"
         if wstate == "reopened":
             waiting += "; reopened after incomplete"
         return RunView("pending", waiting, **counts)

@@ -676,38 +676,41 @@ def test_time_limits_requeue_a_refused_requeue_resumes_on_relaunch_and_retry_inc
     _assert_same_run(rdir, reference)
 
 
+#: requests the test cluster cannot run, and the text that must name the flag
+REFUSED = [
+    (["--slurm-cpus-per-run", "64"], "--slurm-cpus-per-run: an array task asks for 64 CPUs"),
+    (["--slurm-mem-gb", "4096"], "--slurm-mem-gb: an array task asks for 4096 GB"),
+    (["--slurm-time-min", "100000"], "--slurm-time-min: 100000 is more than partition"),
+    (["--slurm-gpus-per-run", "8"], "--slurm-gpus-per-run: 8 GPU(s) per array task asked for"),
+    (["--slurm-gpus-per-run", "h100:1"], "--slurm-gpus-per-run: 1 h100 GPU(s) per array task asked for"),
+    (["--slurm-gres", "gpu:h100:1"], "--slurm-gres: 1 h100 GPU(s) per array task asked for"),
+    (["--slurm-sbatch", "nodelist=no-such-node"], "--slurm-sbatch nodelist=no-such-node: sbatch refused"),
+]
+#: ... on the default partition, with --slurm-partition naming it, in a --dry-run; and partitions of their own
+REFUSED_CASES = [(flags + extra, named) for flags, named in REFUSED for extra in ([], ["--slurm-partition", "debug"])]
+REFUSED_CASES += [([*flags, "--dry-run"], named) for flags, named in REFUSED]  # the last: sbatch --test-only refuses
+REFUSED_CASES += [
+    (["--slurm-partition", "debugg"], "--slurm-partition: 'debugg' is not a partition of this cluster"),
+    (["--slurm-partition", "nogpu", "--slurm-gpus-per-run", "1"], "but partition 'nogpu' has no GPUs"),
+    (["--slurm-partition", "nogpu", "--slurm-gpus-per-run", "1", "--dry-run"], "but partition 'nogpu' has no GPUs"),
+]
+
+
 @pytest.mark.slurm
 @pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
-@pytest.mark.parametrize(
-    ("flags", "named"),
-    [
-        (["--slurm-cpus-per-run", "64"], "--slurm-cpus-per-run: an array task asks for 64 CPUs"),
-        (["--slurm-mem-gb", "4096"], "--slurm-mem-gb: an array task asks for 4096 GB"),
-        (["--slurm-time-min", "100000"], "--slurm-time-min: 100000 is more than partition"),
-        (["--slurm-gpus-per-run", "8"], "--slurm-gpus-per-run: 8 GPU(s) per array task asked for"),
-        (["--slurm-gpus-per-run", "h100:1"], "--slurm-gpus-per-run: 1 h100 GPU(s) per array task asked for"),
-        (["--slurm-gres", "gpu:h100:1"], "--slurm-gres: 1 h100 GPU(s) per array task asked for"),
-        (["--slurm-partition", "debugg"], "--slurm-partition: 'debugg' is not a partition of this cluster"),
-        (["--slurm-partition", "nogpu", "--slurm-gpus-per-run", "1"], "but partition 'nogpu' has no GPUs"),
-        (["--slurm-sbatch", "nodelist=no-such-node"], "--slurm-sbatch nodelist=no-such-node: sbatch refused"),
-    ],
-)
-@pytest.mark.parametrize("partition", ["default", "named", "dry-run"])
+@pytest.mark.parametrize(("flags", "named"), REFUSED_CASES)
 def test_requests_the_cluster_cannot_run_are_refused_before_anything_is_written(
-    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], named: str, partition: str
+    tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], named: str
 ) -> None:
     """Above the node's CPUs, memory or GPUs (of a type), above MaxTime, GPUs on the GPU-less partition, a
     partition that does not exist, an option sbatch itself refuses: exit 2, the flag named, nothing written or
     queued — on the cluster's default partition, with --slurm-partition naming it, and in a --dry-run."""
-    if partition != "default" and "--slurm-partition" in flags:
-        pytest.skip("names its own partition")
-    extra = {"default": [], "named": ["--slurm-partition", "debug"], "dry-run": ["--dry-run"]}[partition]
     spec_path, results = _write(tmp_path, _spec("refused", {"cifar_autoencoder": TINY_CIFAR})), tmp_path / "results"
     before = set(queue_states() or {})
-    assert _bench_run(spec_path, results, "--executor", "slurm", *flags, *extra) == 2
+    assert _bench_run(spec_path, results, "--executor", "slurm", *flags) == 2
     err = capsys.readouterr().err
     assert named in err, err
-    if partition == "default" and "--slurm-partition" not in flags and "--slurm-sbatch" not in flags:
+    if "--slurm-partition" not in flags and "--slurm-sbatch" not in flags:
         assert "(the cluster's default)" in err, err
     assert not results.exists()
     assert set(queue_states() or {}) <= before
