@@ -72,7 +72,8 @@ def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
     """The runs a SLURM launch submits: those not finished, and with ``--retry-incomplete`` the incomplete ones."""
     if not options.retry_incomplete:
         return list(launch.todo)
-    return [c for c in launch.cells if c in launch.todo or launch.status[c.run_id] == store.RunStatus.INCOMPLETE]
+    todo = {c.run_id for c in launch.todo}
+    return [c for c in launch.cells if c.run_id in todo or launch.status[c.run_id] == store.RunStatus.INCOMPLETE]
 
 
 def cmd_run(args: argparse.Namespace) -> int:

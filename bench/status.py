@@ -197,7 +197,7 @@ def _ended_job_view(
     if ran_it:
         return RunView(disk if disk != store.RunStatus.PENDING else "failed", f"job {job} ended: {wstate}", **counts)
     detail = f"array task {job} ended {_exit_text(grid_dir, job)} without starting this run{_last_words(counts['log'])}"
-    return RunView("failed", detail + resume, **counts)
+    return RunView("failed", detail + "; the next bench run submits it again", **counts)
 
 
 def run_view(rdir: Path, job: str | None, queue: Mapping[str, Any] | None) -> tuple[str, str]:
