@@ -485,12 +485,71 @@ def test_submission_lock_excludes_breaks_stale_locks_and_waits_for_live_ones(tmp
         assert time.monotonic() - t0 < 5 and read_lock(path)["token"] == lock.token
     assert not path.exists()
 
+    # a holder whose lock was taken over (suspended for longer than stale_s) finds out before it submits
+    with SubmissionLock(path) as lock:
+        lock.check()
+        path.write_text('{"host": "login-2", "pid": 7, "token": "other"}')
+        with pytest.raises(LockTimeout, match="taken over by login-2 pid 7"):
+            lock.check()
+    assert path.exists()  # not ours: left alone on release
+    path.unlink()
+
     # a lock of another host whose heartbeat stopped: taken over once it has not changed for stale_s
     path.write_text('{"host": "login-9", "pid": 1, "token": "x"}')
     t0 = time.monotonic()
     with SubmissionLock(path, stale_s=0.5):
         assert time.monotonic() - t0 >= 0.5
     assert not path.exists()
+
+
+def test_a_refused_second_array_cancels_the_first_and_a_failure_after_acceptance_removes_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synthetic_task: str
+) -> None:
+    """Without a cluster (sbatch, squeue, scancel and scontrol stubbed): a submission split into arrays whose second
+    array sbatch refuses cancels the first and writes nothing; an error after sbatch accepted (here: writing
+    grid.yaml) cancels every array and removes the pickles, scripts and the folders it made."""
+    from bench.executors import slurm as slurm_module
+
+    cells = expand(parse_spec(_spec("split", {"synthetic": {"train": LONG_TRAIN}}, seeds=5)))
+    cluster = dataclasses.replace(_fake_cluster(), max_array_size=2)
+    calls: list[list[str]] = []
+    accepted = iter(["501", "502", "503"])
+
+    def sbatch(script: str, options: object) -> str:
+        if "--array=0-0" in script and calls == [["sbatch", "501"], ["sbatch", "502"]]:
+            raise ValueError("--slurm-sbatch x=y: sbatch refused the job array: nope")
+        job = next(accepted)
+        calls.append(["sbatch", job])
+        return job
+
+    monkeypatch.setattr(slurm_module, "queue_jobs", lambda name=None: {})
+    monkeypatch.setattr(slurm_module, "_sbatch_held", sbatch)
+    monkeypatch.setattr(slurm_module, "_scancel", lambda ids: calls.append(["scancel", *ids]))
+    monkeypatch.setattr(slurm_module, "_run", lambda cmd, **kw: calls.append(list(cmd)) or _Done())
+    results = tmp_path / "results"
+    gdir = results / "split"
+    settings = slurm_module.WorkerSettings()
+    with pytest.raises(ValueError, match="sbatch refused"):
+        slurm_module.submit_grid(cells, gdir, results, slurm_module.SlurmOptions(), settings, "split", cluster=cluster)
+    assert calls == [["sbatch", "501"], ["sbatch", "502"], ["scancel", "501", "502"]]
+    assert not results.exists()  # the lock's folders are gone too
+
+    calls.clear()
+    accepted = iter(["601", "602", "603"])
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        slurm_module.submit_grid(
+            cells, gdir, results, slurm_module.SlurmOptions(), settings, "split", cluster=cluster, on_accepted=fail
+        )
+    assert calls == [["sbatch", "601"], ["sbatch", "602"], ["sbatch", "603"], ["scancel", "601", "602", "603"]]
+    assert not results.exists()
+
+
+class _Done:
+    returncode, stdout, stderr = 0, "", ""
 
 
 def test_status_of_a_local_run_running_then_partial(

@@ -711,6 +711,7 @@ def submit_grid(
         try:
             for size, parallel in zip(sizes, _parallelism(sizes, options.array_parallelism)):
                 script = sbatch_script(options, folder / "%j", name, size, python, array_parallelism=parallel)
+                lock.check()
                 scripts.append((_sbatch_held(script, options), script, size))
         except BaseException:
             _scancel(a for a, _, _ in scripts)
@@ -734,6 +735,7 @@ def submit_grid(
                 "released": False,
             }
             record["launches"].append(launch)
+            lock.check()
             store.atomic_write_json(folder / JOBS_FILE, record)
             for array, _, _ in scripts:
                 out = _run(["scontrol", "release", array], timeout_s=60)
@@ -743,13 +745,15 @@ def submit_grid(
             store.atomic_write_json(folder / JOBS_FILE, record)
         except BaseException:
             _scancel(a for a, _, _ in scripts)
-            for path in reversed(written):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            for path in reversed(written):  # task folders (pickle inside) and array folders (script inside)
+                shutil.rmtree(path, ignore_errors=True)
             if created_folder:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         kept = True
         return Submission(job_ids, runs, queued, folder, reopened=reopened, messages=messages)
+    except LockTimeout as exc:  # taken over while this launch was suspended: what it submitted is cancelled
+        raise ValueError(f"--executor slurm: {exc}; this launch's submission was cancelled: run it again") from None
     finally:
         lock.release()
         if not kept:

@@ -181,6 +181,16 @@ class SubmissionLock:
             with contextlib.suppress(OSError):
                 os.utime(self.path)
 
+    def check(self) -> None:
+        """``LockTimeout`` unless the lock file still holds this owner's token (call before each submission step:
+        a launch suspended for longer than ``stale_s`` may have lost its lock to another launch)."""
+        owner = read_lock(self.path)
+        if not owner or owner.get("token") != self.token:
+            raise LockTimeout(
+                f"{self.path} was taken over by {(owner or {}).get('host', '?')} pid {(owner or {}).get('pid', '?')} "
+                f"(this launch did not refresh it for {self.stale_s:.0f} s)"
+            )
+
     # --- releasing ---------------------------------------------------------------------------------------
 
     def release(self) -> None:
