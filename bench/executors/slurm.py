@@ -138,7 +138,6 @@ _MANAGED_SBATCH = {
     "parsable": "(set by trickbench)",
     "test-only": "(use bench run --dry-run)",
     "wait": "(use --slurm-wait)",
-    "wckey": "(set by submitit)",
 }
 #: sbatch options that would take the submitting environment (python, PYTHONPATH, CUDA, ...) from the workers
 _ENVIRONMENT_SBATCH = {
