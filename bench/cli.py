@@ -142,14 +142,28 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-partition", metavar="NAME", help="partition(s), comma-separated (default: the cluster's)")
     g.add_argument("--slurm-account", metavar="NAME", help="account to charge (sbatch --account)")
     g.add_argument("--slurm-qos", metavar="NAME", help="quality of service (sbatch --qos)")
-    g.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="GPUs per array task (default: 0)")
+    g.add_argument(
+        "--slurm-gpus-per-run",
+        metavar="[TYPE:]N",
+        help="GPUs per array task, of one type when given, e.g. 1 or a100:2 (sbatch --gpus-per-node; default: 0)",
+    )
+    g.add_argument(
+        "--slurm-gres",
+        metavar="SPEC",
+        help="generic resources per array task, e.g. gpu:a100:2 or gpu:1,nvme:1 (sbatch --gres)",
+    )
     g.add_argument(
         "--slurm-cpus-per-run",
         type=int,
         metavar="N",
         help="CPUs per run; an array task asks for N × the runs it trains at once (default: 1)",
     )
-    g.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per array task (default: the cluster's)")
+    g.add_argument(
+        "--slurm-mem-gb",
+        type=float,
+        metavar="GB",
+        help="memory per run; an array task asks for GB × the runs it trains at once (default: the cluster's)",
+    )
     g.add_argument(
         "--slurm-time-min", type=int, metavar="MIN", help="time limit of one array task, all its runs (default: 60)"
     )
@@ -159,6 +173,12 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="any further sbatch option, e.g. mail-type=END (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-setup",
+        action="append",
+        metavar="LINE",
+        help="a shell line the job runs before the worker, e.g. 'module load cuda/12.1' (repeatable, in order)",
     )
     g.add_argument(
         "--runs-per-task",
@@ -184,7 +204,14 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--slurm-wait",
         action="store_true",
-        help="wait until the jobs have left the queue, then write summary and report (default: submit and return)",
+        help="wait until the jobs have left the queue, then write summary and report; exit 1 with the reason "
+        "when runs are left unfinished (default: submit and return)",
+    )
+    g.add_argument(
+        "--retry-incomplete",
+        action="store_true",
+        help="also submit runs recorded incomplete (time-limit requeues used up): they train on from their "
+        "checkpoints with a fresh --slurm-max-requeues (their incomplete result is kept in state.json)",
     )
 
 
@@ -240,6 +267,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "diverged / failed / incomplete",
     )
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
+    p.add_argument("--failed", action="store_true", help="then print the end of each failed run's log")
     p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
     p = sub.add_parser(
@@ -304,7 +332,7 @@ def _main(argv: list[str]) -> int:
         if args.command == "status":
             from bench.commands import cmd_status
 
-            return cmd_status(args.grid)
+            return cmd_status(args.grid, failed=args.failed)
         if args.command in ("check", "perf"):
             from importlib import import_module
 
