@@ -129,6 +129,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="with --device cuda: train N runs at once on each GPU — each visible GPU (local; replaces --jobs) "
         "or each GPU of an array task (slurm; --runs-per-task defaults to N × --slurm-gpus-per-run)",
     )
+    p.add_argument(
+        "--vectorize-seeds",
+        type=int,
+        default=None,
+        metavar="S",
+        help="train the seeds of each arm S at a time as one vmapped model in one process (one unit of work of "
+        "the pool, the debug executor or a SLURM array task; every seed still its own run folder). Tasks that "
+        "declare it: toy_diffusion, rl_policy; an arm that cannot is an error naming why. Per-seed numbers equal "
+        "runs alone to float rounding, not bit for bit",
+    )
     _add_slurm(p)
 
 

@@ -110,6 +110,16 @@ def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
     return [c for c in launch.cells if c.run_id in todo or launch.status[c.run_id] == store.RunStatus.INCOMPLETE]
 
 
+def _slurm_tasks(launch: LaunchPlan, options: SlurmOptions, vectorize: int | None) -> int:
+    """Array tasks a SLURM launch submits: chunks of ``runs_per_task`` runs, or one per seed-vectorized group."""
+    todo = _slurm_todo(launch, options)
+    if vectorize:
+        from bench.executors.group import group_cells
+
+        return len(group_cells(todo, vectorize))
+    return -(-len(todo) // options.runs_per_task)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec_path, overrides, selection = run_inputs(args)
     # SpecError / ValueError here: nothing written
@@ -126,12 +136,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--device cuda (it packs that many runs onto each GPU of an array task)"
         )
     slurm = slurm_options(args)  # ValueError naming the flag: nothing written
+    vectorize = _vectorize_seeds(args, launch, slurm)  # ValueError naming the flag or field: nothing written
     cluster = None
     if slurm is not None:  # --dry-run too: commands on PATH, controller up, the request fits the cluster
         from bench.executors.slurm import check_cluster
 
-        cluster = check_cluster(slurm, args.device, -(-len(_slurm_todo(launch, slurm)) // slurm.runs_per_task))
+        cluster = check_cluster(slurm, args.device, _slurm_tasks(launch, slurm, vectorize))
     print(launch.describe())
+    if vectorize is not None:
+        from bench.executors.group import group_cells
+
+        groups = group_cells(launch.todo, vectorize)
+        print(f"seed-vectorized: {len(launch.todo)} runs to train as {len(groups)} groups of up to {vectorize} seeds")
     if args.dry_run:
         for c in launch.cells:
             print(f"  {c.run_id}  {launch.status[c.run_id]:<10} {c.task:<20} {c.arm:<32} seed {c.seed}")
@@ -140,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     version = code_version()
     if slurm is not None:  # damaged runs are moved aside by the array task that retrains them (worker.run_one)
-        return _run_slurm(launch, args, slurm, version, cluster)  # grid.yaml written once sbatch accepted
+        return _run_slurm(launch, args, slurm, version, cluster, vectorize)  # grid.yaml written once sbatch accepted
     moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
     for run_id, reason, target in moved:
         print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
@@ -160,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             grid_tricks=launch.grid_tricks,
             show_progress=not args.no_progress,
             wandb_cfg=wandb_cfg,
+            vectorize_seeds=vectorize,
         )
     else:
         counts = run_local(
@@ -173,12 +190,34 @@ def cmd_run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
             runs_per_gpu=args.runs_per_gpu,
             wandb_cfg=wandb_cfg,
+            vectorize_seeds=vectorize,
         )
     store.write_summary(launch.grid_dir)
     if counts:
         print("trained: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     _write_report(launch.grid_dir, args)
     return 1 if counts.get(store.RunStatus.FAILED) else 0
+
+
+def _vectorize_seeds(args: argparse.Namespace, launch: LaunchPlan, slurm: SlurmOptions | None) -> int | None:
+    """``--vectorize-seeds``, validated against the flags and every group of the launch (``ValueError`` naming the
+    flag or the field that cannot be vectorized; nothing written)."""
+    seeds = getattr(args, "vectorize_seeds", None)
+    if seeds is None:
+        return None
+    from bench.executors.group import check_groups, check_seeds_per_group, group_cells
+
+    check_seeds_per_group(seeds)
+    if slurm is not None and slurm.runs_per_gpu:
+        raise ValueError(
+            "--vectorize-seeds: not allowed with --runs-per-gpu on --executor slurm (an array task trains one group)"
+        )
+    if slurm is not None and getattr(args, "runs_per_task", None) is not None:
+        raise ValueError(
+            "--vectorize-seeds: not allowed with --runs-per-task (an array task trains one group of up to S seeds)"
+        )
+    check_groups(group_cells(launch.todo, seeds))
+    return seeds
 
 
 def _wandb_cfg(launch: LaunchPlan, args: argparse.Namespace) -> dict:
@@ -218,7 +257,12 @@ def _dry_run_slurm(launch: LaunchPlan, options: SlurmOptions, cluster: Cluster) 
 
 
 def _run_slurm(
-    launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptions, version: str, cluster: Cluster | None = None
+    launch: LaunchPlan,
+    args: argparse.Namespace,
+    options: SlurmOptions,
+    version: str,
+    cluster: Cluster | None = None,
+    vectorize: int | None = None,
 ) -> int:
     """Submit the runs still to train as job arrays; with ``--slurm-wait`` follow them to the end."""
     from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
@@ -234,6 +278,7 @@ def _run_slurm(
         max_requeues=options.max_requeues,
         signal_delay_s=options.signal_delay_s,
         runs_per_gpu=options.runs_per_gpu,
+        vectorize_seeds=vectorize,
     )
 
     def waiting_for_lock(owner: dict) -> None:

@@ -23,6 +23,47 @@ Budgets and intervals are counted in samples. Randomness comes from the run's se
 bundle through named per-step streams, so a run resumed from its checkpoint at step t
 computes exactly what the uninterrupted run computes (CPU, atol=0): the checkpoint holds
 model, optimizer, trick and task state plus the metric history, and nothing else is needed.
+
+Seed-vectorized groups (``bench run --vectorize-seeds S``, :func:`train_group`): S seeds of one arm
+train through this same loop in one process. Every seed is a full run of its own — its own task
+instance (data, environment, replay buffer, target network) built from its own seed bundle, its own
+model built under its own ``init`` stream, its own evaluated-weights object (per-seed EMA, post-hoc
+EMA, periodic or checkpoint averaging state), history, divergence check, evaluations, run folder,
+checkpoint and ``result.json``. What the seeds share is the arithmetic of a step: their weights are
+slices of stacked tensors (a leading seed dimension; each seed's ``nn.Module`` holds *views* of its
+slice, so everything that reads a model — the tricks, ``batch``, evaluation — reads that seed's
+weights), one ``torch.func.vmap`` of ``functional_call`` computes every seed's loss and gradients,
+and one optimizer steps the stacked tensors (Adam/AdamW/SGD are element-wise: S independent
+optimizers). Gradient norms and clipping are per seed. A seed that diverges is finished as its run
+alone would be; its slice keeps computing (on its last batch) and is ignored, so the others' numbers
+do not depend on it.
+
+Per-seed numbers equal the same seed trained alone up to float rounding: a vmapped (batched) matrix
+product sums in another order than one run's, so losses, gradient norms, weights and metrics agree
+to about 1e-6 relative after a few hundred steps (``VECTORIZED_TOLERANCE``, tested on both tasks;
+a task whose decisions are discontinuous in the weights, e.g. a greedy policy's argmax, can follow
+another trajectory once a near tie flips). Within a group, numbers are deterministic and do not
+depend on which other seeds are in the group (CPU, tested): a group interrupted at any step and
+re-launched computes exactly, bit for bit, what the uninterrupted group computes. Checkpoints are
+per seed, written together at the group's checkpoint points, in the format of a run alone (the
+seed's slice of weights and optimizer state); members found at different steps when a group
+resumes (a kill between two members' writes, a checkpoint set aside) train as separate groups.
+
+What can be vectorized (:func:`vectorize_problems`, checked before anything is written): a task
+that declares ``Task.vectorizable`` (``loss`` reads only the model, the batch and configuration
+every seed shares: no per-seed state, no random draws, no side effects; ``batch`` may use the
+model and anything of its own seed) and whose settings its ``Task.vectorize_problems`` accepts;
+every loop role but ``bn_statistics``; no ``compile``/``channels_last``/``autocast``.
+
+The CIFAR autoencoder does not declare ``vectorizable`` and is rejected by name. What it would need:
+its BatchNorm running statistics are state that every training forward updates, so the stacked
+buffers would have to be trained state of the group (``functional_call`` under ``vmap`` does update
+batched buffers in place, per seed) that checkpoints, EMA buffer policies and resumes carry per
+seed; ``precise_bn`` and the BN recalibration of averaged weights would run per seed on each
+member's own batches; prioritized replay's priority update would have to leave ``loss`` (a side
+effect per seed); and ``vmap`` turns its convolutions into grouped convolutions, whose speed on CPU
+is unmeasured — its step is compute-bound already (a run keeps a core busy), so the gain would be
+small next to the tiny MLP tasks, whose steps are dispatch-bound.
 """
 
 from __future__ import annotations
@@ -33,13 +74,14 @@ import io
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from bench import checkpoints, store
 from bench.gradbuffer import FlatGrads
@@ -55,11 +97,26 @@ from tricks.card import BuildContext
 from tricks.precise_bn import PreciseBN
 from tricks.registry import REGISTRY
 
-__all__ = ["RunContext", "TrainState", "build_task", "train", "train_cell"]
+__all__ = [
+    "VECTORIZED_TOLERANCE",
+    "RunContext",
+    "TrainState",
+    "build_task",
+    "train",
+    "train_cell",
+    "train_group",
+    "train_group_cells",
+    "vectorize_problems",
+]
 
 BN_RECALIBRATION_BATCHES = 16  # when averaged weights need fresh BN statistics and no bn_statistics trick is on
 GLOBAL_SEED_CHUNK_STEPS = 1024  # the loop derives the per-step global-RNG seeds this many steps at a time
 CHECKPOINT_FORMAT = 2  # 2: trick state under its role ("evaluated_weights"), not under trick names
+#: a seed trained in a vectorized group against the same seed trained alone (CPU, float32, a few hundred
+#: steps): losses, gradient norms and final weights agree to this relative tolerance (tested; the batched
+#: kernels sum in another order), final metrics to ``VECTORIZED_METRIC_TOLERANCE`` relative
+VECTORIZED_TOLERANCE = 1e-4
+VECTORIZED_METRIC_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -95,6 +152,7 @@ class TrainState:
     eval_s: float = 0.0
     peak_mem_bytes: int = 0
     resumes: int = 0
+    vectorized_seeds: int = 1  # seeds in the group that last trained it (1: trained alone)
 
 
 def _build_optimizer(model: nn.Module, cfg: dict[str, Any], grouping: Any) -> torch.optim.Optimizer:
@@ -175,23 +233,180 @@ def build_task(config: dict[str, Any], streams: SeedBundle, device: torch.device
     return task_cls(config["params"], tricks, streams, device, config["train"]), context
 
 
-class _Trainer:
-    """One run's objects; ``run`` is the loop. Built fresh for every call of :func:`train`."""
+def _compact(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every tensor that views a larger storage cloned (others as they are).
 
-    def __init__(self, cell: Cell, out_dir: Path, ctx: RunContext, mem: PeakMemory) -> None:
+    A group member's weights are views of the group's stacked tensors: saved as they are, each
+    would carry the whole stack (``torch.save`` writes storages). A run alone has none: no copy.
+    """
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()
+        out[k] = v
+    return out
+
+
+def vectorize_problems(cells: Sequence[Cell]) -> list[str]:
+    """Why ``cells`` cannot train as one seed-vectorized group, as ``"<field>: ..."`` messages (empty: they can).
+
+    They must be distinct seeds of one arm (configs equal apart from the seed) of a task that declares
+    ``Task.vectorizable``, with no ``bn_statistics`` trick, no performance option on, and settings the
+    task's ``vectorize_problems`` accepts. Call before anything is written (``bench run`` does, for
+    every group of a launch); :func:`train_group` calls it too.
+    """
+    if not cells:
+        return ["cells: an empty group is not allowed; allowed: the seeds of one arm (at least one cell)"]
+    ref = {k: v for k, v in cells[0].config.items() if k != "seed"}
+    seeds = [c.seed for c in cells]
+    if len(set(seeds)) != len(seeds):
+        return [f"cells: seeds {seeds} repeat; allowed: distinct seeds of one arm"]
+    for c in cells[1:]:
+        other = {k: v for k, v in c.config.items() if k != "seed"}
+        if other != ref or c.grid != cells[0].grid:
+            diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k)) or ["grid"]
+            return [
+                f"cells: run {c.run_id} differs from run {cells[0].run_id} in {', '.join(diff)}; allowed: seeds of "
+                "one arm (configs equal apart from the seed)"
+            ]
+    from experiments.registry import available_tasks
+
+    task_cls = get_task(ref["task"])
+    if not task_cls.vectorizable:
+        able = [n for n in available_tasks() if get_task(n).vectorizable]
+        why = (
+            " (its model has BatchNorm running statistics, which would have to be per-seed state of the group)"
+            if "batchnorm" in task_cls.capabilities
+            else " (it does not declare Task.vectorizable)"
+        )
+        return [
+            f"task: {ref['task']!r} cannot be seed-vectorized{why}; allowed: {', '.join(able) or 'none'} "
+            "(or train it without --vectorize-seeds)"
+        ]
+    problems = []
+    for option, off in (("compile", False), ("channels_last", False), ("autocast", "none")):
+        if ref["train"].get(option, off) != off:
+            problems.append(
+                f"train.{option}: {ref['train'][option]!r} is not allowed when seed-vectorized; allowed: {off!r}"
+            )
+    for name in ref["tricks"]:
+        if REGISTRY[name].role == "bn_statistics":
+            problems.append(
+                f"tricks.{name}: cannot be seed-vectorized (role bn_statistics: BatchNorm statistics per seed are not "
+                "supported); allowed: train this arm without --vectorize-seeds"
+            )
+    problems += task_cls.vectorize_problems(ref["params"], ref["tricks"], ref["train"])
+    return problems
+
+
+def _bind_to_stack(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], i: int) -> None:
+    """Make ``model``'s parameters and buffers views of slice ``i`` of the stacked ``params``/``buffers``.
+
+    After this, ``model`` holds seed i's weights as the group trains them (no copy): whatever reads the
+    model — tricks, ``batch``, ``after_optimizer_step``, evaluation, ``state_dict`` — sees that seed.
+    Tied parameters stay tied (one view per stacked tensor).
+    """
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+    for name, b in model.named_buffers():
+        first.setdefault(id(b), name)
+    views: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None:
+                name = first[id(p)]
+                if name not in views:
+                    views[name] = nn.Parameter(params[name].detach()[i], requires_grad=p.requires_grad)
+                module._parameters[key] = views[name]
+        for key, b in list(module._buffers.items()):
+            if b is not None:
+                name = first[id(b)]
+                if name not in views:
+                    views[name] = buffers[name][i]
+                module._buffers[key] = views[name]
+
+
+class _Stacked(nn.Module):
+    """Inside ``vmap``: calls ``base`` (a meta-device skeleton of the model) with one seed's weights."""
+
+    def __init__(self, base: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._base, self._weights = [base], (params, buffers)  # a list: not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self._base[0], self._weights, args, kwargs)
+
+
+def _stack_batches(batches: list[Any]) -> tuple[Any, Any]:
+    """One batch whose tensors have a leading seed dimension, and ``vmap``'s ``in_dims`` for it.
+
+    Tensors are stacked (dim 0); anything else (``None``, numbers) must be equal in every seed's batch
+    and is passed as it is (dim None).
+    """
+    flat = [pytree.tree_flatten(b) for b in batches]
+    spec = flat[0][1]
+    if any(other != spec for _, other in flat[1:]):
+        raise ValueError("batch: the seeds' batches differ in structure; a vectorizable task returns one structure")
+    leaves, dims = [], []
+    for column in zip(*(f[0] for f in flat)):
+        if isinstance(column[0], torch.Tensor):
+            leaves.append(torch.stack(column))
+            dims.append(0)
+        else:
+            if any(v != column[0] for v in column[1:]):
+                raise ValueError(f"batch: a non-tensor field differs between seeds ({column[0]!r} vs others)")
+            leaves.append(column[0])
+            dims.append(None)
+    return pytree.tree_unflatten(leaves, spec), pytree.tree_unflatten(dims, spec)
+
+
+def _grad_norms_(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Per-seed total gradient 2-norm (S,) of stacked gradients; with ``max_norm`` also clips each seed's.
+
+    The rule of ``clip_grad_norm_`` per seed: gradients times ``min(1, max_norm / (norm + 1e-6))``.
+    """
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)  # (S, P)
+    total = torch.linalg.vector_norm(per_tensor, dim=1)
+    if max_norm is not None:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
+    return total
+
+
+class _Trainer:
+    """One run's objects; ``run`` is the loop. Built fresh for every call of :func:`train`.
+
+    In a vectorized group (``member=True``) the same object is one seed of the group: the group
+    (:class:`_Group`) re-points its model's tensors to the seed's slice of the stacked ones, then
+    calls :meth:`build_roles` with the group's optimizer, and drives the steps; everything per run
+    (task, evaluation, checkpoints, result) stays here.
+    """
+
+    def __init__(self, cell: Cell, out_dir: Path, ctx: RunContext, mem: PeakMemory, member: bool = False) -> None:
         self.cell, self.out_dir, self.ctx, self.mem = cell, out_dir, ctx, mem
         cfg = cell.config
         self.train_cfg: dict[str, Any] = cfg["train"]
         self.device = torch.device(ctx.device)
         self.streams = SeedBundle(cell.seed)
         # the tricks that are on: task-role objects are built now (the task asks for them by name)
-        self.task, context = build_task(cfg, self.streams, self.device)
+        self.task, self.context = build_task(cfg, self.streams, self.device)
         self.tricks: TrickSet = self.task.trickset
         self.metric, self.higher_is_better = self.task.metric, self.task.higher_is_better
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.streams.seed_for("init"))
             self.model = self.task.build_model().to(self.device)
-        self.mem.rebase()  # count what training adds (optimizer, trick state, activations), not imports or data
+        # the optimizer state a checkpoint holds, and how a checkpoint's is restored (a group member: its slice)
+        self.optimizer_state: Callable[[], dict[str, Any]] = lambda: self.optimizer.state_dict()
+        self.load_optimizer_state: Callable[[dict[str, Any]], None] = lambda sd: self.optimizer.load_state_dict(sd)
+        if not member:
+            self.mem.rebase()  # count what training adds (optimizer, trick state, activations), not imports or data
+            self.build_roles(None)
+
+    def build_roles(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Performance options, then the loop's roles in their order; ``optimizer``: a group's (else built here)."""
+        context = self.context
         # performance options (all off by default; off = the plain eager fp32 path, unchanged results)
         if self.train_cfg["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -208,9 +423,11 @@ class _Trainer:
         )
         self.samples_per_step = sum(self.task.samples_per_micro_batch(m) for m in self.micro_sizes)
         self.total_steps = max(1, math.ceil(self.train_cfg["budget_samples"] / self.samples_per_step))
-        # optimizer_groups: the optimizer's parameter groups
-        grouping = self.tricks.build_role("optimizer_groups", context)
-        self.optimizer = _build_optimizer(self.model, self.train_cfg, grouping)
+        # optimizer_groups: the optimizer's parameter groups (a group's optimizer was built from the same role)
+        if optimizer is None:
+            grouping = self.tricks.build_role("optimizer_groups", context)
+            optimizer = _build_optimizer(self.model, self.train_cfg, grouping)
+        self.optimizer = optimizer
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         # evaluated_weights: which weights every evaluation sees; bn_statistics: their BN recalibration
         weights_context = replace(context, model=self.model, samples_per_step=self.samples_per_step)
@@ -248,8 +465,8 @@ class _Trainer:
         payload = {
             "format": CHECKPOINT_FORMAT,
             "run_id": self.cell.run_id,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": _compact(self.model.state_dict()),
+            "optimizer": self.optimizer_state(),
             "evaluated_weights": self.evaluated.state_dict() if self.evaluated is not None else None,
             "task": self.task.state_dict(),
             "history": self.history,
@@ -272,7 +489,7 @@ class _Trainer:
 
         def restore(payload: dict[str, Any]) -> None:
             self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            self.load_optimizer_state(payload["optimizer"])
             if self.evaluated is not None:
                 self.evaluated.load_state_dict(payload["evaluated_weights"])
             self.task.load_state_dict(payload["task"])
@@ -283,8 +500,8 @@ class _Trainer:
             if fresh is None:  # the untouched state, to undo a restore that fails half-way
                 fresh = copy.deepcopy(
                     {
-                        "model": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(),
+                        "model": _compact(self.model.state_dict()),
+                        "optimizer": self.optimizer_state(),
                         "evaluated_weights": self.evaluated.state_dict() if self.evaluated is not None else None,
                         "task": self.task.state_dict(),
                         "state": vars(self.state),
@@ -526,18 +743,236 @@ class _Trainer:
                 "resumes": self.state.resumes,
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),
+                "vectorized_seeds": self.state.vectorized_seeds,
             },
         }
         self._write_curves()
         if diverged_step is None and getattr(self, "_final_eval_model", None) is not None:
             buf = io.BytesIO()
-            torch.save(self._final_eval_model.state_dict(), buf)
+            torch.save(_compact(self._final_eval_model.state_dict()), buf)
             store.atomic_write_bytes(self.out_dir / "final_model.pt", buf.getvalue())
         # size and SHA-256 of what the report reads: a later change to any of them marks the run damaged
         result["artefacts"] = store.artefact_manifest(self.out_dir)
         store.atomic_write_json(self.out_dir / store.RESULT, store.sealed(result))  # last: its presence = done
         checkpoints.remove(self.out_dir)
         return result
+
+
+class _Group:
+    """S seeds of one arm trained together: per-seed :class:`_Trainer` members, stacked weights, one optimizer.
+
+    Built with every member's model re-pointed to its slice of the stack, then each member's roles
+    (with the group's optimizer) and each member's resume; ``run`` is the loop, step for step the
+    order of :meth:`_Trainer.run`, with the per-seed work done for each live member in turn and the
+    forward/backward/optimizer step done once for all.
+    """
+
+    def __init__(
+        self, cells: Sequence[Cell], out_dirs: Sequence[Path], ctxs: Sequence[RunContext], mem: PeakMemory
+    ) -> None:
+        self.members = [_Trainer(c, d, x, mem, member=True) for c, d, x in zip(cells, out_dirs, ctxs)]
+        self.ctx = ctxs[0]
+        self.mem = mem
+        lead = self.members[0]
+        self.base = copy.deepcopy(lead.model).to("meta")  # the skeleton functional_call runs with each seed's weights
+        models = [m.model for m in self.members]
+        self.params = {
+            n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_(p.requires_grad)
+            for n, p in lead.model.named_parameters()
+        }
+        self.buffers = {
+            n: torch.stack([dict(m.named_buffers())[n] for m in models]) for n, _ in lead.model.named_buffers()
+        }
+        for i, model in enumerate(models):
+            _bind_to_stack(model, self.params, self.buffers, i)
+        mem.rebase()  # once for the group: count what training adds
+        # the optimizer over the stacked tensors: built from the lead's model (its groups, its order), then each
+        # parameter swapped for its stacked tensor — so a member's slice of its state is a run alone's state
+        grouping = lead.tricks.build_role("optimizer_groups", lead.context)
+        self.optimizer = _build_optimizer(lead.model, lead.train_cfg, grouping)
+        name_of = {id(p): n for n, p in lead.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            group["params"] = [self.params[name_of[id(p)]] for p in group["params"]]
+        self.optimizer.state.clear()
+        self._pending: list[dict[str, Any] | None] = [None] * len(self.members)
+        for i, member in enumerate(self.members):
+            member.build_roles(self.optimizer)
+            member.optimizer_state = lambda i=i: self.member_optimizer_state(i)
+            member.load_optimizer_state = lambda sd, i=i: self._pending.__setitem__(i, sd)
+        self.trainable = [n for n, p in lead.model.named_parameters() if p.requires_grad]
+
+    # --- optimizer state per seed -----------------------------------------------------------------
+    def member_optimizer_state(self, i: int) -> dict[str, Any]:
+        """Seed ``i``'s optimizer state in the format of a run alone: its slice of every per-parameter tensor.
+
+        ``step`` (one count per parameter, equal for every seed) is shared; every other tensor of the state
+        has the stacked parameter's leading seed dimension.
+        """
+        sd = self.optimizer.state_dict()
+        state = {
+            idx: {
+                key: (v.clone() if key == "step" else v[i].clone()) if isinstance(v, torch.Tensor) else v
+                for key, v in entry.items()
+            }
+            for idx, entry in sd["state"].items()
+        }
+        return {"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}
+
+    def load_pending_optimizer_state(self) -> None:
+        """After every member resumed: stack their optimizer states into the group's optimizer."""
+        pending = self._pending
+        if all(p is None for p in pending):
+            return
+        if any(p is None for p in pending):  # train_group splits such groups by step before getting here
+            raise RuntimeError("a group's members resumed at different points; split the group by step")
+        first = pending[0]
+        state: dict[Any, dict[str, Any]] = {}
+        for idx, entry in first["state"].items():
+            state[idx] = {}
+            for key, v in entry.items():
+                values = [p["state"][idx][key] for p in pending]
+                if not isinstance(v, torch.Tensor):
+                    state[idx][key] = v
+                elif key == "step":
+                    if any(not torch.equal(x, v) for x in values):
+                        raise RuntimeError(f"optimizer state {idx}.step differs between the group's members")
+                    state[idx][key] = v
+                else:
+                    state[idx][key] = torch.stack(values)
+        self.optimizer.load_state_dict({"state": state, "param_groups": first["param_groups"]})
+        self._pending = [None] * len(self.members)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _loss_fn(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any, mb: MicroBatch):
+        return self.members[0].task.loss(_Stacked(self.base, params, buffers), batch, mb)[0]
+
+    def run(self) -> list[dict[str, Any]]:
+        members, optimizer, ctx = self.members, self.optimizer, self.ctx
+        lead = members[0]
+        n = len(members)
+        train_cfg, k, micro_sizes = lead.train_cfg, lead.k, lead.micro_sizes
+        sps, total_steps = lead.samples_per_step, lead.total_steps
+        clip = train_cfg["grad_clip_norm"] or None
+        trainable = [self.params[name] for name in self.trainable]
+        eval_every, ckpt_every = train_cfg["eval_every_samples"], train_cfg["checkpoint_every_samples"]
+        for m in members:
+            m.state.vectorized_seeds = n
+        results: list[dict[str, Any] | None] = [None] * n
+        live = list(range(n))
+        last_batches: list[list[Any]] = [[] for _ in members]  # a diverged seed's slice recomputes its last batch
+        global_seeds: list[list[int]] = [[] for _ in members]
+        seeds_from = lead.state.step
+        lr_factor = math.nan
+        steps_this_call = 0
+        last_progress = 0.0
+        for m in members:
+            m.model.train()
+        t0 = time.perf_counter()
+
+        def account() -> None:  # the group's shared time since t0, split evenly over the live seeds
+            nonlocal t0
+            now = time.perf_counter()
+            for i in live:
+                members[i].state.train_s += (now - t0) / len(live)
+            t0 = now
+
+        def stop_requested() -> bool:
+            return any(m.ctx.stop is not None and m.ctx.stop() for m in members)
+
+        for step in range(lead.state.step, total_steps):
+            if stop_requested() or (ctx.max_steps is not None and steps_this_call >= ctx.max_steps):
+                account()
+                for i in live:
+                    members[i].state.step = step
+                    members[i].save_checkpoint()
+                    results[i] = {"status": "interrupted", "step": step}
+                return results  # type: ignore[return-value]
+            if step - seeds_from >= len(global_seeds[0]):
+                seeds_from = step
+                global_seeds = [m.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS) for m in members]
+            samples_before = step * sps
+            factor = _lr_factor(train_cfg, samples_before)
+            if factor != lr_factor:
+                lr_factor = factor
+                for group, base in zip(optimizer.param_groups, lead.base_lrs):
+                    group["lr"] = base * factor
+
+            # each live seed draws its own micro-batches from its own task, as its run alone would
+            progress = samples_before / train_cfg["budget_samples"]
+            mbs = [
+                MicroBatch(step=step, index=j, count=k, size=size, progress=progress)
+                for j, size in enumerate(micro_sizes)
+            ]
+            for i in live:
+                m = members[i]
+                _seed_global_rng(global_seeds[i][step - seeds_from], m.device)
+                last_batches[i] = [m.task.batch(m.model, mb) for mb in mbs]
+            # one vmapped forward/backward for all seeds per micro-batch: the seeds are independent, so the
+            # gradient of the sum of their losses is each seed's own gradient in its slice
+            loss_sum: torch.Tensor | None = None
+            for j, mb in enumerate(mbs):
+                batch, dims = _stack_batches([b[j] for b in last_batches])
+                losses = torch.func.vmap(self._loss_fn, in_dims=(0, 0, dims, None), randomness="error")(
+                    self.params, self.buffers, batch, mb
+                )
+                (accumulation.scale_loss(losses, k) if k > 1 else losses).sum().backward()
+                loss_sum = losses.detach().float() if loss_sum is None else loss_sum + losses.detach().float()
+            loss_values = [v / k for v in loss_sum.tolist()]  # type: ignore[union-attr]
+            norm_values = _grad_norms_([p.grad for p in trainable], clip).tolist()
+            for i in [i for i in live if not (math.isfinite(loss_values[i]) and math.isfinite(norm_values[i]))]:
+                account()
+                live.remove(i)  # as its run alone: finished at this step, the step not recorded
+                results[i] = members[i]._finish(diverged_step=step, last_loss=loss_values[i])
+            if not live:
+                return results  # type: ignore[return-value]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            samples = (step + 1) * sps
+            lr = optimizer.param_groups[0]["lr"]
+            for i in live:
+                m = members[i]
+                m.task.after_optimizer_step(m.model, step)
+                if m.evaluated is not None:
+                    m.evaluated.after_step(m.model, samples)  # once per optimizer step, never per micro-batch
+                hist = m.history["train"]
+                hist["step"].append(step)
+                hist["samples"].append(samples)
+                hist["loss"].append(loss_values[i])
+                hist["grad_norm"].append(norm_values[i])
+                hist["lr"].append(lr)
+                if m.ctx.tracker is not None:
+                    m.ctx.tracker.log_train(step, samples, loss_values[i], norm_values[i], lr)
+            steps_this_call += 1
+            last = step == total_steps - 1
+
+            if _crossed(step, sps, eval_every) or last:
+                account()
+                for i in live:
+                    m = members[i]
+                    t_eval = time.perf_counter()
+                    metrics = m.evaluate(step, final=last)
+                    m.state.eval_s += time.perf_counter() - t_eval
+                    m.history["eval"].append({"step": step, "samples": samples, **metrics})
+                    m._track(step, samples, loss_values[i], metrics)
+                t0 = time.perf_counter()
+            if _crossed(step, sps, ckpt_every) and not last:
+                account()
+                for i in live:  # written together: every member's checkpoint at the same step
+                    members[i].state.step = step + 1
+                    members[i].save_checkpoint()
+                t0 = time.perf_counter()
+            if time.perf_counter() - last_progress > ctx.progress_interval_s or last:
+                last_progress = time.perf_counter()
+                for i in live:
+                    if members[i].ctx.on_progress is not None:
+                        members[i].ctx.on_progress(step + 1, total_steps, loss_values[i])
+        account()
+        for i in live:
+            m = members[i]
+            m.state.step = total_steps
+            hist = m.history["train"]["loss"]
+            results[i] = m._finish(diverged_step=None, last_loss=hist[-1] if hist else float("nan"))
+        return results  # type: ignore[return-value]
 
 
 def write_config(cell: Cell, out_dir: Path, code_version: str, grid_tricks: list[str]) -> None:
@@ -577,3 +1012,78 @@ def train_cell(cell: Cell, out_dir: Path, ctx: RunContext | None = None) -> dict
             out_dir / store.ERROR, {"run_id": cell.run_id, "error": repr(exc), "traceback_tail": tb.splitlines()[-15:]}
         )
         return {"status": store.RunStatus.FAILED, "error": repr(exc)}
+
+
+def train_group(
+    cells: Sequence[Cell], out_dirs: Sequence[Path], ctxs: RunContext | Sequence[RunContext] | None = None
+) -> list[dict[str, Any]]:
+    """Train the seeds ``cells`` of one arm as one seed-vectorized group, each into its folder of ``out_dirs``.
+
+    ``ctxs``: one :class:`RunContext` for all, or one per cell (their own ``on_progress``/``tracker``;
+    ``device``, ``threads``, ``max_steps`` and ``progress_interval_s`` are the first one's, ``stop`` is
+    polled for every member and stops the whole group). Each member resumes from its own checkpoint;
+    members found at different steps train as separate groups, one after another. Returns one result per
+    cell, in order, as :func:`train` returns it (``interrupted`` for every member when stopped: each wrote
+    its checkpoint). Raises ``ValueError`` (naming the field) when the cells cannot train together
+    (:func:`vectorize_problems`).
+    """
+    problems = vectorize_problems(cells)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if len(out_dirs) != len(cells):
+        raise ValueError(f"out_dirs: {len(out_dirs)} folders for {len(cells)} cells; allowed: one per cell")
+    if ctxs is None or isinstance(ctxs, RunContext):
+        ctxs = [ctxs or RunContext()] * len(cells)
+    if len(ctxs) != len(cells):
+        raise ValueError(f"ctxs: {len(ctxs)} contexts for {len(cells)} cells; allowed: one, or one per cell")
+    lead = ctxs[0]
+    if lead.threads:
+        torch.set_num_threads(lead.threads)
+    for out_dir in out_dirs:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / store.ERROR).unlink(missing_ok=True)  # a re-run of a crashed run starts clean
+    with PeakMemory(torch.device(lead.device)) as mem:
+        group = _Group(cells, out_dirs, ctxs, mem)
+        for member in group.members:
+            member.maybe_resume()
+        steps = [m.state.step for m in group.members]
+        if len(set(steps)) == 1:
+            group.load_pending_optimizer_state()
+            return group.run()
+    # members at different steps (a kill between two members' checkpoint writes, a checkpoint set aside, a
+    # seed trained alone before): each step's members train as a group of their own, resumed afresh
+    del group
+    results: list[dict[str, Any] | None] = [None] * len(cells)
+    for step in sorted(set(steps)):
+        index = [i for i, s in enumerate(steps) if s == step]
+        sub = train_group([cells[i] for i in index], [out_dirs[i] for i in index], [ctxs[i] for i in index])
+        for i, res in zip(index, sub):
+            results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def train_group_cells(
+    cells: Sequence[Cell], out_dirs: Sequence[Path], ctxs: RunContext | Sequence[RunContext] | None = None
+) -> list[dict[str, Any]]:
+    """:func:`train_group`, but a crash is recorded as ``error.json`` (status failed) in every member's folder
+    that has no result yet, instead of raised. A ``ValueError`` from :func:`vectorize_problems` is raised:
+    check groups before launching them."""
+    problems = vectorize_problems(cells)
+    if problems:
+        raise ValueError("; ".join(problems))
+    try:
+        return train_group(cells, out_dirs, ctxs)
+    except Exception as exc:
+        tb = traceback.format_exc()
+        results = []
+        for cell, out_dir in zip(cells, out_dirs):
+            result_path = Path(out_dir) / store.RESULT
+            if result_path.exists():  # finished (e.g. diverged) before the group crashed: its result stands
+                results.append(store.read_json(result_path))
+                continue
+            store.atomic_write_json(
+                Path(out_dir) / store.ERROR,
+                {"run_id": cell.run_id, "error": repr(exc), "traceback_tail": tb.splitlines()[-15:]},
+            )
+            results.append({"status": store.RunStatus.FAILED, "error": repr(exc)})
+        return results

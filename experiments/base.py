@@ -100,6 +100,14 @@ class Task(ABC):
     dense_grads: ClassVar[bool] = False
     #: a seconds-long setting {"params": {...}, "train": {...}} for the registry-driven smoke tests
     tiny: ClassVar[dict[str, dict[str, Any]] | None] = None
+    #: seed-vectorized execution (``bench run --vectorize-seeds S``; ``bench/loop.py``): True when S seeds of
+    #: one arm can train as one vmapped model. Then ``loss`` must read only the model, the batch and settings
+    #: every seed shares — no per-seed task state (compute e.g. a target network's values in ``batch``), no
+    #: random draws (``vmap(randomness="error")`` enforces it), no side effects — and its batches must have
+    #: the same structure and shapes in every seed. ``batch``, ``after_optimizer_step`` and ``evaluate`` run
+    #: per seed on that seed's own task instance and model, as in a run alone. The model must have no
+    #: BatchNorm statistics. Paths that break this for some settings are named by :meth:`vectorize_problems`.
+    vectorizable: ClassVar[bool] = False
 
     @classmethod
     def accepts(cls, card: TrickCard) -> bool:
@@ -124,6 +132,14 @@ class Task(ABC):
     @classmethod
     def check(cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]) -> list[str]:
         """Cross-field problems of a resolved task block (called by spec validation), as messages."""
+        return []
+
+    @classmethod
+    def vectorize_problems(
+        cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]
+    ) -> list[str]:
+        """Settings of a resolved run config whose path cannot train seed-vectorized, as ``"<field>: ..."``
+        messages (only asked of a task that declares :attr:`vectorizable`; called before a launch writes)."""
         return []
 
     def __init__(

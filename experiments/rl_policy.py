@@ -10,9 +10,10 @@ transitions**: every optimizer step steps the environment ``env_steps_per_update
 One optimizer step, top to bottom:
 
 1. ``batch``: act ε-greedily with the online network for this micro-batch's share of the
-   step's transitions, store them, return a learning batch of ``micro_batch_size`` transitions.
-2. ``loss``: Huber TD error ``Q(s, a) − (r + γ·(1 − terminated)·max_a' Q_target(s', a'))``.
-   Time-limit truncation is not termination: it bootstraps (Pardo et al. 2018).
+   step's transitions, store them, return a learning batch of ``micro_batch_size`` transitions
+   with its TD target ``r + γ·(1 − terminated)·max_a' Q_target(s', a')``.
+2. ``loss``: Huber TD error ``Q(s, a) − target``. Time-limit truncation is not termination: it
+   bootstraps (Pardo et al. 2018).
 3. ``after_optimizer_step``: target-network update (hard copy or EMA, ``params.target_update``).
 
 Where each task-level trick acts (search for "TRICK:"):
@@ -236,6 +237,8 @@ class RLPolicy(Task):
     metric = "eval_return"
     higher_is_better = True
     dense_grads = True  # every parameter is in every step's graph (tested per trick)
+    # loss reads only model, batch (with its TD target) and shared settings; not prioritized replay (vectorize_problems)
+    vectorizable = True
     metric_directions = {"train_return_auc": True}
     train_defaults = {
         "budget_samples": 24000,
@@ -290,6 +293,18 @@ class RLPolicy(Task):
                     f"tricks.fourier_features.num_features: {f['num_features']} is not allowed; allowed: even"
                 )
         return problems
+
+    @classmethod
+    def vectorize_problems(
+        cls, params: dict[str, Any], tricks: dict[str, dict[str, Any]], train: dict[str, Any]
+    ) -> list[str]:
+        """Prioritized replay updates each seed's priorities inside ``loss``: not vectorizable."""
+        if tricks.get("replay_buffer", {}).get("prioritized"):
+            return [
+                "tricks.replay_buffer.prioritized: true cannot be seed-vectorized on rl_policy (the loss updates "
+                "each seed's priorities); allowed: false, or train this arm without --vectorize-seeds"
+            ]
+        return []
 
     def __init__(self, params, tricks, streams, device, train) -> None:
         super().__init__(params, tricks, streams, device, train)
@@ -436,16 +451,25 @@ class RLPolicy(Task):
         else:  # replay off: learn from the most recent transitions only, oldest first
             self.recent = torch.cat([self.recent, new])[-self.batch_size :]
             rows = self.recent[-mb.size :]
-        return self.unpack(rows.to(self.device)) | extra
+        batch = self.unpack(rows.to(self.device)) | extra
+        # the TD target here, with this seed's target network, so that loss needs no per-seed state
+        # (seed-vectorized training computes every seed's loss in one call); the target network does not
+        # change between batch and loss, so the numbers are those computed in loss
+        batch["target"] = self.td_target(batch)
+        return batch
+
+    @torch.no_grad()
+    def td_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The TD target ``r + γ·(1 − terminated)·max_a' Q_target(s', a')`` of a batch, by the target network."""
+        if self.target is None:
+            raise ValueError("td_target: call build_model first (it creates the target network)")
+        next_q = self.target(batch["next_obs"]).max(1).values
+        return batch["reward"] + self.p["gamma"] * (1.0 - batch["terminated"]) * next_q
 
     def q_and_target(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Q(s, a)`` of the online network and the TD target ``r + γ·(1 − terminated)·max_a' Q_target(s', a')``."""
-        if self.target is None:
-            raise ValueError("q_and_target: call build_model first (it creates the target network)")
+        """``Q(s, a)`` of the online network and the TD target (``batch["target"]``, else :meth:`td_target`)."""
         q = model(batch["obs"]).gather(1, batch["action"][:, None]).squeeze(1)
-        with torch.no_grad():
-            next_q = self.target(batch["next_obs"]).max(1).values
-            y = batch["reward"] + self.p["gamma"] * (1.0 - batch["terminated"]) * next_q
+        y = batch["target"] if "target" in batch else self.td_target(batch)
         return q, y
 
     def loss(self, model: nn.Module, batch: Any, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:

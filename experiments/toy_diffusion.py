@@ -45,7 +45,9 @@ Where each data/loss-level trick acts (search for "TRICK:"):
   distribution, and ``swd_to_augmented`` against the augmented one; a leaking model is
   closer to the augmented distribution than a clean one is.
 Loop-role tricks (EMA, post-hoc EMA, averaging, accumulation, zero weight decay) act in
-bench/loop.py. precise_bn does not apply: the model has no BatchNorm (no "batchnorm" capability).
+bench/loop.py. Seed-vectorized (``vectorizable``): every trick, every setting — ``batch`` draws
+each seed's data from its own streams, ``loss`` reads only the model, the batch and ``sigma_data``.
+precise_bn does not apply: the model has no BatchNorm (no "batchnorm" capability).
 
 Random sub-streams of one purpose are named by the ``IntEnum`` classes below (their integer
 values are part of the stream names, so they never change).
@@ -340,6 +342,8 @@ class ToyDiffusion(Task):
     metric = "swd"
     higher_is_better = False
     dense_grads = True  # every parameter is in every step's graph (tested per trick)
+    # every path: the tricks act in batch (per seed) or in the model; loss reads only model, batch, sigma_data
+    vectorizable = True
     metric_directions = {"class_fidelity": True, "cond_sensitivity": False, "swd_unguided": False, "swd_guided": False}
     # seconds on one CPU thread: 1024 steps of 128 points (the quick grid's scale)
     train_defaults = {

@@ -134,8 +134,9 @@ def test_replay_off_learns_from_the_most_recent_transitions_only() -> None:
         # the replay buffer (capacity > n) holds the whole stream in order: its tail is the recent window
         stream = on.unpack(on.buffer.state_dict()["storage"]["transition"])
         assert len(stream["obs"]) == n
-        for k in b_off:
+        for k in stream:
             assert torch.equal(b_off[k], stream[k][-m:]), (step, k)
+        assert torch.equal(b_off["target"], off.td_target(b_off))  # the TD target travels with the batch
         assert len(b_off["obs"]) == min(m, n)
         # replay on: a uniform sample over everything kept, older transitions included
         assert len(b_on["obs"]) == m

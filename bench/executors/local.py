@@ -24,11 +24,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from bench.executors.group import WorkItem, item_cells, run_group, work_items
 from bench.executors.worker import register_extra_tasks, run_one
 from bench.grid import Cell
 from bench.loop import RunContext
@@ -97,7 +99,7 @@ def _init_worker(threads: int, stop_event: Any, gpu_counter: Any, gpu_count: int
 
 
 def _worker(
-    cell_dict: dict[str, Any],
+    cell_dict: dict[str, Any] | list[dict[str, Any]],
     results_root: str,
     device: str,
     threads: int,
@@ -106,21 +108,33 @@ def _worker(
     queue: Any,
     wandb_cfg: dict[str, Any] | None = None,
     job_id: str | None = None,
-) -> dict[str, Any]:
-    cell = Cell.from_dict(cell_dict)
-    if _stopped():  # queued before the pool was stopped, reached after: leave the run untouched
-        queue.put((cell.run_id, None, None, None))
-        return {"run_id": cell.run_id, "status": _NOT_STARTED, "error": None, "step": None}
+) -> list[dict[str, Any]]:
+    """One unit of work: a cell (``cell_dict``), or a seed-vectorized group (a list of them); one result each."""
+    group = [Cell.from_dict(d) for d in cell_dict] if isinstance(cell_dict, list) else None
+    cells = group if group is not None else [Cell.from_dict(cell_dict)]  # type: ignore[arg-type]
+    if _stopped():  # queued before the pool was stopped, reached after: leave the runs untouched
+        for cell in cells:
+            queue.put((cell.run_id, None, None, None))
+        return [{"run_id": c.run_id, "status": _NOT_STARTED, "error": None, "step": None} for c in cells]
 
     def progress(done: int, total: int, loss: float) -> None:
-        queue.put((cell.run_id, done, total, loss))
+        queue.put((cells[0].run_id, done, total, loss))
 
-    ctx = RunContext(
-        device=_DEVICE or device, threads=threads, stop=_stopped, on_progress=progress, code_version=code_version
-    )
-    result = run_one(cell, Path(results_root), ctx, grid_tricks, wandb_cfg=wandb_cfg, job_id=job_id)
-    queue.put((cell.run_id, None, None, None))
-    return {"run_id": cell.run_id, "status": result["status"], "error": result.get("error"), "step": result.get("step")}
+    ctx = RunContext(device=_DEVICE or device, threads=threads, stop=_stopped, code_version=code_version)
+    if group is None:
+        results = [
+            run_one(cells[0], Path(results_root), replace(ctx, on_progress=progress), grid_tricks, wandb_cfg, job_id)
+        ]
+    else:
+        results = run_group(
+            group, Path(results_root), ctx, grid_tricks, wandb_cfg, job_id, progress=lambda *a: queue.put(a)
+        )
+    for cell in cells:
+        queue.put((cell.run_id, None, None, None))
+    return [
+        {"run_id": c.run_id, "status": r["status"], "error": r.get("error"), "step": r.get("step")}
+        for c, r in zip(cells, results)
+    ]
 
 
 def _label(cell: Cell) -> str:
@@ -139,17 +153,20 @@ def run_local(
     show_progress: bool = True,
     runs_per_gpu: int | None = None,
     wandb_cfg: dict[str, Any] | None = None,
+    vectorize_seeds: int | None = None,
 ) -> dict[str, int]:
     """Train ``cells`` in a pool of ``jobs`` processes; return counts by final status.
 
     ``runs_per_gpu`` (device ``cuda`` only; replaces ``jobs``): N runs at a time on each visible
     GPU, each worker pinned to one GPU when it starts. With device ``cpu`` it is a ``ValueError``.
+    ``vectorize_seeds`` S: the cells train in seed-vectorized groups of up to S seeds of one arm, one
+    group per worker at a time (``bench.executors.group``); a ``ValueError`` naming what cannot.
     """
     gpu_count = 0
     if runs_per_gpu is not None:
         jobs, gpu_count = gpu_jobs(runs_per_gpu, device)
     results = run_pool(
-        cells,
+        work_items(cells, vectorize_seeds),
         results_root,
         jobs,
         device=device,
@@ -164,7 +181,7 @@ def run_local(
 
 
 def run_pool(
-    cells: Sequence[Cell],
+    cells: Sequence[WorkItem],
     results_root: Path,
     jobs: int,
     *,
@@ -180,6 +197,9 @@ def run_pool(
 ) -> dict[str, dict[str, Any]]:
     """Train ``cells`` in a pool of ``jobs`` spawned processes; return run_id -> ``{"status", "error", "step"}``.
 
+    Each item of ``cells`` is one unit of work: a cell, or a list of cells (a seed-vectorized group,
+    trained together by :func:`bench.executors.group.run_group`).
+
     ``gpu_count`` > 0: worker i is pinned to ``cuda:(i mod gpu_count)`` when it starts. ``stop`` (polled
     every 0.25 s; e.g. a SLURM signal flag) stops the pool as Ctrl-C does, but returns instead of raising:
     running runs checkpoint at their next step and report ``interrupted``, runs not yet started are left
@@ -188,6 +208,7 @@ def run_pool(
     SIGTERM/SIGUSR2 themselves (a scheduler may signal every process of a job).
     """
     jobs = max(1, min(jobs, len(cells))) if cells else 1
+    runs = [c for item in cells for c in item_cells(item)]
     threads = threads or 1  # one thread per run: bit-identical to a resume on any executor
     grid_tricks = grid_tricks or {}
     ctx = mp.get_context("spawn")
@@ -198,9 +219,9 @@ def run_pool(
     gpu_counter = ctx.Value("i", 0) if gpu_count else None
     with ctx.Manager() as manager:
         queue = manager.Queue()
-        overall = tqdm(total=len(cells), desc="grid", unit="run", position=0, disable=not show_progress)
+        overall = tqdm(total=len(runs), desc="grid", unit="run", position=0, disable=not show_progress)
         bars: dict[str, Any] = {}
-        labels = {c.run_id: _label(c) for c in cells}
+        labels = {c.run_id: _label(c) for c in runs}
         per_run = show_progress and sys.stderr.isatty()
         with ProcessPoolExecutor(
             max_workers=jobs,
@@ -208,20 +229,20 @@ def run_pool(
             initializer=_init_worker,
             initargs=(threads, stop_event, gpu_counter, gpu_count, job_id is not None),
         ) as pool:
-            futures: dict[Future, Cell] = {
+            futures: dict[Future, WorkItem] = {
                 pool.submit(
                     _worker,
-                    c.to_dict(),
+                    [m.to_dict() for m in item] if isinstance(item, list) else item.to_dict(),
                     str(results_root),
                     device,
                     threads,
                     code_version,
-                    grid_tricks.get(c.task, list(c.tricks_on)),
+                    grid_tricks.get(item_cells(item)[0].task, list(item_cells(item)[0].tricks_on)),
                     queue,
                     wandb_cfg,
                     job_id,
-                ): c
-                for c in cells
+                ): item
+                for item in cells
             }
             pending = set(futures)
             try:
@@ -244,13 +265,13 @@ def run_pool(
                     for fut in done:
                         if fut.cancelled():
                             continue
-                        res = fut.result()
-                        if res["status"] == _NOT_STARTED:
-                            continue  # like a cancelled future: not a result
-                        results[res["run_id"]] = res
-                        overall.update(1)
-                        if res["status"] == "failed":
-                            tqdm.write(f"run {res['run_id']} ({labels[res['run_id']]}) failed: {res['error']}")
+                        for res in fut.result():  # one per run of the unit of work
+                            if res["status"] == _NOT_STARTED:
+                                continue  # like a cancelled future: not a result
+                            results[res["run_id"]] = res
+                            overall.update(1)
+                            if res["status"] == "failed":
+                                tqdm.write(f"run {res['run_id']} ({labels[res['run_id']]}) failed: {res['error']}")
                     if stop is not None and stop() and not stop_event.is_set():
                         stop_event.set()  # running runs checkpoint at their next step; the rest never start
                         for fut in pending:
@@ -279,14 +300,23 @@ def run_debug(
     grid_tricks: dict[str, list[str]] | None = None,
     show_progress: bool = True,
     wandb_cfg: dict[str, Any] | None = None,
+    vectorize_seeds: int | None = None,
 ) -> dict[str, int]:
-    """Train ``cells`` one after another in this process (breakpoints work; exceptions are stored)."""
+    """Train ``cells`` one after another in this process (breakpoints work; exceptions are stored).
+
+    ``vectorize_seeds`` S: one seed-vectorized group of up to S seeds of one arm after another.
+    """
     counts: dict[str, int] = {}
     grid_tricks = grid_tricks or {}
-    for cell in tqdm(cells, desc="grid", unit="run", disable=not show_progress):
+    items = work_items(cells, vectorize_seeds)
+    for item in tqdm(items, desc="grid", unit="group" if vectorize_seeds else "run", disable=not show_progress):
         ctx = RunContext(device=device, threads=threads or 1, code_version=code_version)
-        res = run_one(
-            cell, Path(results_root), ctx, grid_tricks.get(cell.task, list(cell.tricks_on)), wandb_cfg=wandb_cfg
-        )
-        counts[res["status"]] = counts.get(res["status"], 0) + 1
+        first = item_cells(item)[0]
+        tricks = grid_tricks.get(first.task, list(first.tricks_on))
+        if isinstance(item, list):
+            results = run_group(item, Path(results_root), ctx, tricks, wandb_cfg=wandb_cfg)
+        else:
+            results = [run_one(item, Path(results_root), ctx, tricks, wandb_cfg=wandb_cfg)]
+        for res in results:
+            counts[res["status"]] = counts.get(res["status"], 0) + 1
     return counts

@@ -425,6 +425,7 @@ class WorkerSettings:
     max_requeues: int = 3
     signal_delay_s: int = 90
     runs_per_gpu: int | None = None  # train this many runs at once per GPU of the task (device cuda; on CPU: at once)
+    vectorize_seeds: int | None = None  # each array task trains one seed-vectorized group of up to this many seeds
 
 
 @dataclass
@@ -702,7 +703,12 @@ def submit_grid(
             kept = True
             return Submission([], {}, queued, folder, messages=messages)
         k = options.runs_per_task
-        chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
+        if settings.vectorize_seeds:  # one seed-vectorized group per array task
+            from bench.executors.group import group_cells
+
+            chunks = group_cells(todo, settings.vectorize_seeds)
+        else:
+            chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
         sizes = array_sizes(len(chunks), cluster.max_array_size if cluster else DEFAULT_MAX_ARRAY_SIZE)
         python = shlex.quote(sys.executable)
         name = job_name(grid_name)
@@ -963,6 +969,12 @@ class SlurmTask(Checkpointable):
         from bench.loop import RunContext
 
         s = self.settings
+        if s.vectorize_seeds:  # this task's cells are one seed-vectorized group (bench.executors.group)
+            from bench.executors.group import run_group
+
+            ctx = RunContext(device=s.device, threads=s.threads, stop=stop.is_set, code_version=s.code_version)
+            tricks = s.grid_tricks.get(cells[0].task, list(cells[0].tricks_on))
+            return {c.run_id: r for c, r in zip(cells, run_group(cells, root, ctx, tricks, s.wandb_cfg, job_id))}
         if s.runs_per_gpu:  # N runs at once per GPU of this task, one process each (device cpu: N at once)
             from bench.executors.local import gpu_jobs, run_pool
 
