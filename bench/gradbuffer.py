@@ -30,7 +30,9 @@ from torch import nn
 
 _GRAD = operator.attrgetter("grad")
 
-__all__ = ["FlatGrads"]
+__all__ = ["FlatGrads", "SeedFlatGrads"]
+
+ROW_ALIGN_BYTES = 64  # SeedFlatGrads: each seed's row starts at a multiple of this (a cache line, AVX-512)
 
 
 class FlatGrads:
@@ -104,3 +106,72 @@ class FlatGrads:
     def zero_(self) -> None:
         """Zero every gradient in place (one kernel); call instead of ``optimizer.zero_grad``."""
         self.flat.zero_()
+
+
+class SeedFlatGrads:
+    """The gradients of S seeds' stacked parameters in one ``(S, P)`` buffer, seed-major.
+
+    For a seed-vectorized group (``bench.loop.train_group``): each stacked parameter ``(S, *shape)``
+    gets as ``.grad`` a strided view of the buffer whose seed-i slice is row i's segment, so row i
+    holds seed i's gradients in exactly the layout of :class:`FlatGrads` of that seed's run alone.
+    Per-seed norms are then the same one-BLAS-call ``sqrt(dot(g, g))`` as a run alone computes
+    (bit-identical for identical gradients), and zeroing is one kernel. Same use as
+    :class:`FlatGrads`: build with :meth:`for_params`, :meth:`adopt` after the first backward, then
+    :meth:`norms` and :meth:`zero_` every step, :meth:`attached` before results leave.
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+        first = named_params[0][1]
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        seeds = first.shape[0]
+        sizes = [p[0].numel() for p in self.params]
+        total = sum(sizes)
+        # rows padded to 64 bytes: every row starts aligned as a run alone's buffer does (a BLAS dot sums in an
+        # order that can depend on the alignment of its input); the padding stays zero and is never read
+        row = -(-total * first.element_size() // ROW_ALIGN_BYTES) * ROW_ALIGN_BYTES // first.element_size()
+        self._buffer = torch.zeros(seeds, row, device=first.device, dtype=first.dtype)
+        self.flat = self._buffer[:, :total]  # (S, P): seed i's gradients in row i
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p, size in zip(self.params, sizes):
+            self.views.append(self.flat[:, offset : offset + size].view(p.shape))
+            offset += size
+
+    @staticmethod
+    def for_params(named_params: list[tuple[str, nn.Parameter]]) -> SeedFlatGrads | None:
+        """A buffer for these stacked parameters (leading seed dimension), or ``None`` when they do not fit one
+        (several devices or dtypes, or a parameter that is not contiguous)."""
+        if not named_params or len({(p.device, p.dtype) for _, p in named_params}) != 1:
+            return None
+        if any(p.is_sparse or not p.is_contiguous() or p.ndim < 1 for _, p in named_params):
+            return None
+        if len({p.shape[0] for _, p in named_params}) != 1:
+            return None
+        return SeedFlatGrads(named_params)
+
+    def adopt(self, task: str) -> None:
+        """After the first backward: move every gradient into the buffer (``RuntimeError`` naming a missing one)."""
+        missing = [n for n, p in zip(self.names, self.params) if p.grad is None]
+        if missing:
+            raise RuntimeError(
+                f"task {task} declares dense_grads, but parameter(s) {missing} received no gradient; "
+                "set dense_grads = False on the task"
+            )
+        for p, view in zip(self.params, self.views):
+            view.copy_(p.grad)
+            p.grad = view
+
+    def attached(self) -> bool:
+        """True while every ``.grad`` is still its view."""
+        return all(map(operator.is_, map(_GRAD, self.params), self.views))
+
+    def norms(self) -> list[float]:
+        """Each seed's total gradient 2-norm, computed as :meth:`FlatGrads.norm` computes a run's."""
+        if self.flat.device.type == "cpu":
+            return [math.sqrt(float(torch.dot(row, row))) for row in self.flat]
+        return torch.linalg.vector_norm(self.flat, dim=1).tolist()
+
+    def zero_(self) -> None:
+        """Zero every seed's gradients in place (one kernel)."""
+        self._buffer.zero_()

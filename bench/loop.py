@@ -74,6 +74,7 @@ import io
 import math
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,7 +85,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from bench import checkpoints, store
-from bench.gradbuffer import FlatGrads
+from bench.gradbuffer import FlatGrads, SeedFlatGrads
 from bench.grid import Cell
 from bench.memory import PeakMemory
 from bench.seeds import SeedBundle
@@ -361,18 +362,18 @@ def _stack_batches(batches: list[Any]) -> tuple[Any, Any]:
     return pytree.tree_unflatten(leaves, spec), pytree.tree_unflatten(dims, spec)
 
 
-def _grad_norms_(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Per-seed total gradient 2-norm (S,) of stacked gradients; with ``max_norm`` also clips each seed's.
+class _SeedGrad:
+    """Seed ``i``'s slice of a stacked parameter's gradient, as the ``.grad`` that ``clip_grad_norm_`` reads."""
 
-    The rule of ``clip_grad_norm_`` per seed: gradients times ``min(1, max_norm / (norm + 1e-6))``.
-    """
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)  # (S, P)
-    total = torch.linalg.vector_norm(per_tensor, dim=1)
-    if max_norm is not None:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))))
-    return total
+    __slots__ = ("i", "param")
+
+    def __init__(self, param: torch.Tensor, i: int) -> None:
+        self.param, self.i = param, i
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        g = self.param.grad
+        return None if g is None else g[self.i]
 
 
 class _Trainer:
@@ -847,6 +848,13 @@ class _Group:
         return self.members[0].task.loss(_Stacked(self.base, params, buffers), batch, mb)[0]
 
     def run(self) -> list[dict[str, Any]]:
+        with warnings.catch_warnings():
+            # the seed-major gradient buffer's views have other strides than the stacked parameters (by design:
+            # row i must be seed i's run-alone layout); autograd accumulates into them in place all the same
+            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         members, optimizer, ctx = self.members, self.optimizer, self.ctx
         lead = members[0]
         n = len(members)
@@ -854,6 +862,14 @@ class _Group:
         sps, total_steps = lead.samples_per_step, lead.total_steps
         clip = train_cfg["grad_clip_norm"] or None
         trainable = [self.params[name] for name in self.trainable]
+        uniform = len({(p.device, p.dtype) for p in trainable}) == 1
+        # as a run alone: gradients in one buffer (seed-major: row i = seed i's run-alone layout) for tasks that
+        # declare dense_grads, so each seed's norm is the same one BLAS call; else each seed's _grad_norm_
+        flat = (
+            SeedFlatGrads.for_params([(n, self.params[n]) for n in self.trainable]) if lead.task.dense_grads else None
+        )
+        adopted = False
+        seed_grads = [[_SeedGrad(p, i) for p in trainable] for i in range(n)]
         eval_every, ckpt_every = train_cfg["eval_every_samples"], train_cfg["checkpoint_every_samples"]
         for m in members:
             m.state.vectorized_seeds = n
@@ -918,7 +934,15 @@ class _Group:
                 (accumulation.scale_loss(losses, k) if k > 1 else losses).sum().backward()
                 loss_sum = losses.detach().float() if loss_sum is None else loss_sum + losses.detach().float()
             loss_values = [v / k for v in loss_sum.tolist()]  # type: ignore[union-attr]
-            norm_values = _grad_norms_([p.grad for p in trainable], clip).tolist()
+            if flat is not None and not adopted:
+                flat.adopt(lead.task.name)  # raises if a parameter got no gradient
+                adopted = True
+                for m in members:
+                    m.flat = flat  # each member checks it is still attached before anything leaves its run
+            if flat is not None and clip is None:
+                norm_values = flat.norms()
+            else:  # each seed as its run alone: _grad_norm_ (clip_grad_norm_ when clipping) on its slices
+                norm_values = [float(_grad_norm_(g, clip, uniform)) for g in seed_grads]  # type: ignore[arg-type]
             for i in [i for i in live if not (math.isfinite(loss_values[i]) and math.isfinite(norm_values[i]))]:
                 account()
                 live.remove(i)  # as its run alone: finished at this step, the step not recorded
@@ -926,7 +950,10 @@ class _Group:
             if not live:
                 return results  # type: ignore[return-value]
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if flat is not None:
+                flat.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             samples = (step + 1) * sps
             lr = optimizer.param_groups[0]["lr"]
             for i in live:
