@@ -274,7 +274,7 @@ def test_vectorized_launch_stores_ordinary_run_folders_that_status_and_report_re
     runs = [d for d in (grid / "runs").iterdir()]
     assert len(runs) == 6
     for run_dir in runs:
-        assert RUN_FILES <= {p.name for p in run_dir.iterdir()}, run_dir
+        assert {p.name for p in run_dir.iterdir()} >= RUN_FILES, run_dir
         assert store.check_run(run_dir, deep=True).status == "completed"
         assert json.loads((run_dir / "state.json").read_text())["state"] == "completed"
     sizes = {store.read_json(d / "result.json")["cost"]["vectorized_seeds"] for d in runs}
