@@ -1,22 +1,30 @@
 """``bench perf``: what the harness costs, what each trick costs, and how grids scale.
 
-Every number here is measured on this machine when the command runs; the tables are printed
-and written to ``benchmarks/perf_<date>.md`` (with the machine description and load) and one
-``benchmarks/perf_<date>_<part>.csv`` per part. Parts (``--only``; default all):
+Every number here is measured on this machine when the command runs; the tables are printed and
+written, with the machine description (torch version, load), to a new folder per invocation:
+``<out>/<YYYYmmdd-HHMMSS>/perf.md`` and one ``<part>.csv`` per part (``--out``, default
+``./benchmarks-out`` in the working directory — never the source tree, never overwriting an
+earlier invocation). Parts (``--only``; default all):
 
 - ``parity``: :func:`bench.loop.train` of a task with no tricks against a bare hand-written
   PyTorch loop (:func:`bare_train`) with the same model (``build_model`` under the same init
   seed), the same batches (each loop's own task instance draws them from the same streams), the
   same optimizer, seed and steps, in one process. Their per-step losses must agree to 5
-  decimals (the exit status is 1 otherwise); the table gives the step-time ratio harness/bare.
+  decimals (the exit status is 1 otherwise); the table gives the step-time ratio harness/bare in
+  wall time and in thread CPU time side by side (on a loaded machine the wall ratio takes in the
+  neighbours' bursts; the CPU ratio is what the harness itself costs), with both verdicts.
 - ``tricks``: time and peak memory per sample of each applicable trick relative to the
   baseline, each run in a fresh process (CPU peak memory is the growth of resident memory,
   which a process that already ran something under-reports).
 - ``ema``: the cost of one EMA / post-hoc EMA update against a training step, and which kernels
   an update launches (one fused ``_foreach_lerp_`` expected).
 - ``data``: where each task's data lives (device tensors; no DataLoader worker processes).
-- ``vectorized``: S seeds of ``toy_diffusion`` trained at once (:mod:`bench.vectorized`)
-  against S sequential runs.
+- ``vectorized``: S seeds of ``toy_diffusion`` trained as one seed-vectorized group
+  (:func:`bench.loop.train_group`) against the same S runs one after another, in one process.
+- ``grid``: grid throughput — a 64-run toy_diffusion grid (8 arms × 8 seeds, short runs) through
+  ``bench run`` against the sum of the same runs' bare training loops (CPU time), and the same grid
+  with ``--vectorize-seeds`` (end-to-end speedup), interleaved, in fresh processes
+  (:func:`grid_throughput`).
 - ``scaling``: wall time of a small grid on the local executor by number of runs and ``--jobs``,
   and an estimate for a 1,000-run grid on GPUs (assumptions printed with it).
 
@@ -78,14 +86,14 @@ __all__ = [
     "tiny_cell",
 ]
 
-PARTS = ("parity", "tricks", "ema", "data", "vectorized", "scaling")
+PARTS = ("parity", "tricks", "ema", "data", "vectorized", "grid", "scaling")
 #: optimizer steps per timed run: a few seconds per run on one core
 DEFAULT_STEPS = {"cifar_autoencoder": 40, "toy_diffusion": 300, "rl_policy": 300}
 #: steps per trick-cost run (whole runs are timed there: longer runs average over load bursts)
 TRICK_STEPS = {"cifar_autoencoder": 40, "toy_diffusion": 1000, "rl_policy": 1000}
 TARGET_RATIO = 1.02  # harness/bare step-time target with no tricks
 DECIMALS = 5  # losses must agree to this many decimals (numpy's assert_almost_equal: |a - b| < 1.5e-5)
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+DEFAULT_OUT = Path("benchmarks-out")  # relative to the working directory: never inside the installed package
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,14 +229,21 @@ class BareLoop:
     loop's optimizer (AdamW or SGD with the train block's settings), then per step ``batch`` →
     ``loss`` → ``backward`` → ``step`` → ``zero_grad`` → the task's ``after_optimizer_step``
     (e.g. a DQN's target network). Losses are kept as tensors and read once at the end. No
-    history, gradient norm, schedule, global-RNG re-seeding, evaluation or checkpoint.
+    history, gradient norm, schedule, global-RNG re-seeding, evaluation or checkpoint. Tricks of the
+    ``task`` role are allowed: they act inside the task's own ``batch``/``loss``, which the bare loop
+    calls as the harness does; tricks of the loop's roles are not (the bare loop has none of them).
     """
 
     def __init__(self, cell: Cell, threads: int = 1, device: str = "cpu") -> None:
+        from tricks.registry import REGISTRY
 
         cfg = cell.config
-        if cfg["tricks"]:
-            raise ValueError(f"cell.tricks: {sorted(cfg['tricks'])} given; allowed: none (the bare loop has no tricks)")
+        loop_tricks = sorted(t for t in cfg["tricks"] if REGISTRY[t].role != "task")
+        if loop_tricks:
+            raise ValueError(
+                f"cell.tricks: {loop_tricks} given; allowed: tricks of the task role only (the bare loop has none of "
+                "the loop's roles)"
+            )
         tr = self.train_cfg = cfg["train"]
         if tr["lr_schedule"] != "constant" or tr["warmup_samples"] or tr["grad_clip_norm"]:
             raise ValueError(
@@ -268,6 +283,14 @@ class BareLoop:
     def final_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
+    def evaluate(self) -> dict[str, float]:
+        """The task's final evaluation of the trained model, as a hand-written script would end."""
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model, True)
+        self.model.train()
+        return {k: float(v) for k, v in metrics.items()}
+
 
 def bare_train(cell: Cell, threads: int = 1, device: str = "cpu") -> TimedRun:
     """The same training as :func:`harness_train` of a no-trick ``cell``, by :class:`BareLoop`, timed per step."""
@@ -301,6 +324,10 @@ class ParityResult:
     ratio_wall_range: tuple[float, float]  # over the kept repeats
     ratio_wall_harness_first: float  # median over the repeats where the harness trained each step first
     ratio_wall_harness_second: float  # ... where the bare loop did (nan with a single repeat)
+    bare_step_cpu_ms: float = math.nan  # the bare loop's median step in thread CPU time
+    ratio_cpu_range: tuple[float, float] = (math.nan, math.nan)  # over the kept repeats
+    ratio_cpu_harness_first: float = math.nan
+    ratio_cpu_harness_second: float = math.nan
 
     @property
     def agree(self) -> bool:
@@ -318,12 +345,19 @@ class ParityResult:
             "harness_step_ms": round(self.harness_step_ms, 4),
             "bare_step_ms": round(self.bare_step_ms, 4),
             "harness_step_cpu_ms": round(self.harness_step_cpu_ms, 4),
+            "bare_step_cpu_ms": round(self.bare_step_cpu_ms, 4),
             "ratio_wall": round(self.ratio_wall, 4),
+            "ratio_cpu": round(self.ratio_cpu, 4),
             "ratio_wall_min": round(self.ratio_wall_range[0], 4),
             "ratio_wall_max": round(self.ratio_wall_range[1], 4),
+            "ratio_cpu_min": round(self.ratio_cpu_range[0], 4),
+            "ratio_cpu_max": round(self.ratio_cpu_range[1], 4),
             "ratio_wall_harness_first": round(self.ratio_wall_harness_first, 4),
             "ratio_wall_harness_second": round(self.ratio_wall_harness_second, 4),
-            "ratio_cpu": round(self.ratio_cpu, 4),
+            "ratio_cpu_harness_first": round(self.ratio_cpu_harness_first, 4),
+            "ratio_cpu_harness_second": round(self.ratio_cpu_harness_second, 4),
+            "target_met_wall": self.ratio_wall <= TARGET_RATIO,
+            "target_met_cpu": self.ratio_cpu <= TARGET_RATIO,
         }
 
 
@@ -392,7 +426,7 @@ def parity(task: str, steps: int | None = None, repeats: int = 7, threads: int =
     time over the bare loop's. Raises nothing on disagreement: :attr:`ParityResult.agree` says it.
     """
     cell = perf_cell(task, steps=steps or DEFAULT_STEPS.get(task, 100), seed=seed)
-    ratios_w, ratios_c, h_ms, b_ms, h_cpu_ms = [], [], [], [], []
+    ratios_w, ratios_c, h_ms, b_ms, h_cpu_ms, b_cpu_ms = [], [], [], [], [], []
     max_diff, equal, params_equal = 0.0, True, True
     for r in range(repeats):
         h, b = _interleaved(cell, threads, bare_leads=r % 2 == 1)
@@ -408,6 +442,7 @@ def parity(task: str, steps: int | None = None, repeats: int = 7, threads: int =
         h_ms.append(1e3 * h.median_wall_s)
         b_ms.append(1e3 * b.median_wall_s)
         h_cpu_ms.append(1e3 * h.median_cpu_s)
+        b_cpu_ms.append(1e3 * b.median_cpu_s)
     kept = slice(1, None) if repeats > 1 else slice(None)  # the first repeat warms caches and allocators
     led_w, followed_w = _by_order(ratios_w, repeats > 1)
     led_c, followed_c = _by_order(ratios_c, repeats > 1)
@@ -427,6 +462,10 @@ def parity(task: str, steps: int | None = None, repeats: int = 7, threads: int =
         ratio_wall_range=(min(ratios_w[kept]), max(ratios_w[kept])),
         ratio_wall_harness_first=statistics.median(led_w) if led_w else math.nan,
         ratio_wall_harness_second=statistics.median(followed_w) if followed_w else math.nan,
+        bare_step_cpu_ms=statistics.median(b_cpu_ms[kept]),
+        ratio_cpu_range=(min(ratios_c[kept]), max(ratios_c[kept])),
+        ratio_cpu_harness_first=statistics.median(led_c) if led_c else math.nan,
+        ratio_cpu_harness_second=statistics.median(followed_c) if followed_c else math.nan,
     )
 
 
@@ -710,15 +749,16 @@ def data_residency(task: str, device: str = "cpu", seed: int = 0) -> dict[str, A
 def vectorized_speed(
     seeds: int = 8, steps: int = 300, repeats: int = 3, threads: int = 1, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """``seeds`` toy_diffusion runs: vectorized (one process) against sequential harness runs.
+    """``seeds`` toy_diffusion runs: one seed-vectorized group (:func:`bench.loop.train_group`) against the
+    same runs one after another (:func:`bench.loop.train`), in this process.
 
-    Both in this process with ``threads`` threads, repeats interleaved; the first repeat
-    (warm-up) is dropped. Training time and total time (with task setup and the final
-    evaluation, which both do per seed) are reported; the per-seed results are compared too.
+    Both with ``threads`` threads, repeats interleaved (which goes first alternates); the first repeat
+    (warm-up) is dropped. Training time (the runs' ``cost.train_s`` summed) and total time (building
+    tasks and models, training, the final evaluation, writing the run folders) are reported, and the
+    largest per-seed difference of the final metric (0 when the group computed the runs' numbers).
     """
     from bench.grid import expand
-    from bench.loop import RunContext, train
-    from bench.vectorized import train_vectorized
+    from bench.loop import RunContext, train, train_group
 
     params = params or {"eval_samples_per_class": 64, "final_samples_per_class": 64}
     probe = perf_cell("toy_diffusion", steps=steps, params=params)
@@ -734,24 +774,24 @@ def vectorized_speed(
     seq_total, seq_train, vec_total, vec_train, max_metric_diff = [], [], [], [], 0.0
     for r in range(repeats + 1):
         order = ("vec", "seq") if r % 2 == 0 else ("seq", "vec")
-        for kind in order:
-            t0 = time.perf_counter()
-            if kind == "vec":
-                vec = train_vectorized(cells, threads=threads)
-                vec_total.append(time.perf_counter() - t0)
-                vec_train.append(sum(v["cost"]["train_s"] for v in vec))
-            else:
-                with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
-                    seq = [train(c, Path(tmp) / c.run_id, RunContext(threads=threads)) for c in cells]
-                seq_total.append(time.perf_counter() - t0)
-                seq_train.append(sum(s["cost"]["train_s"] for s in seq))
+        with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
+            for kind in order:
+                t0 = time.perf_counter()
+                if kind == "vec":
+                    vec = train_group(cells, [Path(tmp) / "vec" / c.run_id for c in cells], RunContext(threads=threads))
+                    vec_total.append(time.perf_counter() - t0)
+                    vec_train.append(sum(v["cost"]["train_s"] for v in vec))
+                else:
+                    seq = [train(c, Path(tmp) / "seq" / c.run_id, RunContext(threads=threads)) for c in cells]
+                    seq_total.append(time.perf_counter() - t0)
+                    seq_train.append(sum(s["cost"]["train_s"] for s in seq))
         for s, v in zip(seq, vec):
             max_metric_diff = max(max_metric_diff, abs(s["metric"]["swd"] - v["metric"]["swd"]))
     med = statistics.median
     return {
         "task": "toy_diffusion",
         "seeds": seeds,
-        "steps": len(vec[0]["history"]["train"]["step"]),
+        "steps": vec[0]["cost"]["steps"],
         "batch_size": cells[0].config["train"]["batch_size"],
         "hidden": cells[0].config["params"]["hidden"],
         "threads": threads,
@@ -933,6 +973,159 @@ def cluster_estimate(
 
 
 # ----------------------------------------------------------------------------------------------
+# Part 7: grid throughput — a grid through `bench run` against the bare training loops of its runs
+
+#: the throughput grid's arms: the full factorial of three task-role tricks (2^3 = 8 arms, baseline included).
+#: Task-role tricks act inside the task's batch/loss, so the bare loop trains every arm exactly as the harness does
+GRID_TRICKS = ("fourier_features", "stratified_sampling", "cond_noise")
+#: short runs: a final evaluation only, a light sampler (what per-run fixed costs weigh most on)
+GRID_PARAMS = {"sampling_steps": 16, "eval_samples_per_class": 64, "final_samples_per_class": 64}
+GRID_BATCH = 128
+GRID_TARGET_CPU = 1.15  # bench run's CPU time / the bare loops' (issue 18)
+GRID_TARGET_SPEEDUP = 3.0  # seed-vectorized bench run against per-run bench run, end to end (wall)
+
+
+def throughput_spec(seeds: int = 8, steps: int = 200, tricks: Sequence[str] = GRID_TRICKS) -> dict[str, Any]:
+    """The throughput grid: toy_diffusion, ``2**len(tricks)`` arms × ``seeds`` seeds, ``steps`` steps per run."""
+    budget = steps * GRID_BATCH
+    train = {"budget_samples": budget, "batch_size": GRID_BATCH, "eval_every_samples": budget,
+             "checkpoint_every_samples": budget}  # fmt: skip
+    return {
+        "grid": "perf-throughput",
+        "design": "full_factorial",
+        "seeds": seeds,
+        "tasks": {"toy_diffusion": {"params": GRID_PARAMS, "train": train, "tricks": {t: None for t in tricks}}},
+    }
+
+
+def bare_grid(spec: dict[str, Any], threads: int = 1) -> dict[str, float]:
+    """Every run of ``spec`` by :class:`BareLoop` then one final evaluation, one after another in this process.
+
+    Returns the process CPU and wall seconds of those loops alone (task and model construction, steps,
+    evaluation; not the imports, which a script training many configs pays once).
+    """
+    from bench.grid import expand
+
+    cells = expand(parse_spec(spec))
+    torch.set_num_threads(threads)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for cell in cells:
+        bare = BareLoop(cell, threads)
+        for _ in range(bare.steps):
+            bare.step()
+        bare.evaluate()
+    return {"runs": len(cells), "cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0}
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed_child(argv: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run ``argv`` to the end; (wall s, CPU s of it and every process it waited for, stdout)."""
+    import subprocess
+
+    cpu0, wall0 = _children_cpu_s(), time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    wall, cpu = time.perf_counter() - wall0, _children_cpu_s() - cpu0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} ... exited {done.returncode}: {done.stderr.strip()[-800:]}")
+    return wall, cpu, done.stdout
+
+
+def grid_throughput(
+    seeds: int = 8,
+    steps: int = 200,
+    repeats: int = 3,
+    jobs: int = 2,
+    vectorize: int = 8,
+    tricks: Sequence[str] = GRID_TRICKS,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """A ``2**len(tricks)``-arm × ``seeds``-seed toy_diffusion grid, three ways, each in fresh processes:
+
+    - ``bench run`` (local executor, ``jobs`` workers, no report): wall time, and the CPU time of the
+      launching process and everything it started (``RUSAGE_CHILDREN``: workers, the manager);
+    - the same with ``--vectorize-seeds`` ``vectorize``;
+    - the bare loops of the same runs (:func:`bare_grid`, in a fresh Python): their CPU time.
+
+    Repeats interleave the three (the order rotates), each into a fresh results folder; every repeat
+    is kept (process-level timings have no warm-up to drop). Returns one row per measure with the
+    median and the range over repeats; ratios are formed within each repeat, then summarised.
+    """
+    spec = throughput_spec(seeds, steps, tricks)
+    runs = seeds * 2 ** len(tricks)
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    import json
+
+    with tempfile.TemporaryDirectory(prefix="bench-perf-grid-") as tmp:
+        folder = Path(tmp)
+        spec_path = folder / "throughput.yaml"
+        spec_path.write_text(json.dumps(spec))  # JSON is YAML
+        kinds = ("run", "vectorized", "bare")
+        for r in range(repeats):
+            per: dict[str, tuple[float, float]] = {}
+            for kind in kinds[r % 3 :] + kinds[: r % 3]:
+                if kind == "bare":
+                    code = (
+                        "import json, sys; from bench.perf import bare_grid; "
+                        f"print(json.dumps(bare_grid(json.loads(sys.argv[1]), {threads})))"
+                    )
+                    wall, cpu, out = _timed_child([sys.executable, "-c", code, json.dumps(spec)], folder)
+                    loops = json.loads(out.strip().splitlines()[-1])
+                    per[kind] = (loops["wall_s"], loops["cpu_s"])
+                    add("bare process CPU s (with interpreter start and imports)", cpu)
+                    continue
+                flags = ["--vectorize-seeds", str(vectorize)] if kind == "vectorized" else []
+                results = folder / f"results-{r}-{kind}"
+                argv = [sys.executable, "-m", "bench.cli", "run", str(spec_path), "--results", str(results)]
+                argv += ["--jobs", str(jobs), "--threads", str(threads), "--no-report", "--no-progress", *flags]
+                wall, cpu, out = _timed_child(argv, folder)
+                if f"trained: {runs} completed" not in out:
+                    raise RuntimeError(f"bench run {' '.join(flags)}: not every run completed: {out[-400:]}")
+                per[kind] = (wall, cpu)
+            add("bench run: wall s", per["run"][0])
+            add("bench run: CPU s", per["run"][1])
+            add(f"bench run --vectorize-seeds {vectorize}: wall s", per["vectorized"][0])
+            add(f"bench run --vectorize-seeds {vectorize}: CPU s", per["vectorized"][1])
+            add("bare loops: CPU s (sum of the loops)", per["bare"][1])
+            add("CPU ratio: bench run / bare loops", per["run"][1] / per["bare"][1])
+            add(
+                f"CPU ratio: bench run --vectorize-seeds {vectorize} / bare loops",
+                per["vectorized"][1] / per["bare"][1],
+            )
+            add(f"speedup, wall: bench run / --vectorize-seeds {vectorize}", per["run"][0] / per["vectorized"][0])
+            add(f"speedup, CPU: bench run / --vectorize-seeds {vectorize}", per["run"][1] / per["vectorized"][1])
+    targets = {
+        "CPU ratio: bench run / bare loops": f"≤ {GRID_TARGET_CPU}",
+        f"speedup, wall: bench run / --vectorize-seeds {vectorize}": f"≥ {GRID_TARGET_SPEEDUP}",
+    }
+    rows = []
+    for key, values in samples.items():
+        rows.append(
+            {
+                "measure": key,
+                "median": round(statistics.median(values), 3),
+                "min": round(min(values), 3),
+                "max": round(max(values), 3),
+                "repeats": len(values),
+                "target": targets.get(key, ""),
+                "runs": runs,
+                "steps_per_run": steps,
+                "jobs": jobs,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Tables, machine, CLI
 
 
@@ -985,6 +1178,20 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def output_folder(parent: Path) -> Path:
+    """A new folder ``<parent>/<YYYYmmdd-HHMMSS>`` for one invocation (``-2``, ``-3``... when taken): never reused."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"--out: {parent} has 999 folders named {stamp}*; allowed: a parent folder with room")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench perf`` options."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
@@ -999,9 +1206,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=int, default=None, help="optimizer steps per timed run (default: per task, a few seconds)"
     )
     parser.add_argument(
-        "--vectorized-seeds", type=int, default=8, help="seeds S of the vectorized benchmark (default 8)"
+        "--vectorized-seeds", type=int, default=8, help="seeds S of the vectorized benchmarks (default 8)"
     )
-    parser.add_argument("--out", type=Path, default=BENCHMARKS_DIR, help="folder for the tables (default: benchmarks/)")
+    parser.add_argument("--grid-seeds", type=int, default=8, help="seeds per arm of the throughput grid (default 8)")
+    parser.add_argument(
+        "--grid-steps", type=int, default=200, help="steps per run of the throughput grid (default 200)"
+    )
+    parser.add_argument(
+        "--grid-repeats", type=int, default=3, help="interleaved repeats of the throughput grid (default 3)"
+    )
+    parser.add_argument(
+        "--grid-jobs", type=int, default=None, help="--jobs of the throughput grid's bench run (default: one per core)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="parent folder of the results: each invocation writes a new <out>/<date-time>/ (default: "
+        "./benchmarks-out)",
+    )
     parser.add_argument("--quick", action="store_true", help="a fast smoke pass (few steps and repeats; noisy)")
 
 
@@ -1013,7 +1236,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in available_tasks()]
     if unknown:
         raise ValueError(f"--tasks: {', '.join(unknown)} not available; allowed: {', '.join(available_tasks())}")
-    for name in ("repeats", "trick_repeats", "threads", "vectorized_seeds"):
+    for name in ("repeats", "trick_repeats", "threads", "vectorized_seeds", "grid_seeds", "grid_steps", "grid_repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; allowed: ≥ 1")
     if args.steps is not None and args.steps < 3:
@@ -1024,9 +1247,10 @@ def run(args: argparse.Namespace) -> int:
         base = args.steps or table.get(task, 100)
         return max(3, base // 5) if args.quick else base
 
+    if args.grid_jobs is not None and args.grid_jobs < 1:
+        raise ValueError(f"--grid-jobs: {args.grid_jobs} is not allowed; allowed: ≥ 1")
     machine = machine_description()
-    stamp = dt.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     sections: list[str] = []
     tables: dict[str, list[dict[str, Any]]] = {}
     ok = True
@@ -1094,10 +1318,33 @@ def run(args: argparse.Namespace) -> int:
         row = vectorized_speed(args.vectorized_seeds, vec_steps, max(1, repeats - 1), args.threads)
         emit(
             "vectorized",
-            "Seed-vectorized training (bench.vectorized) vs sequential runs",
+            "Seed-vectorized training (bench.loop.train_group) vs the same runs one after another",
             [row],
-            "Same process and threads; times are medians over repeats (first dropped). total = setup + training "
-            "+ final evaluation (per seed in both).",
+            "Same process and threads; times are medians over repeats (first dropped). total = building tasks and "
+            "models + training + final evaluation + writing the run folders (per seed in both).",
+        )
+    if "grid" in args.only:
+        from bench.executors.local import default_jobs
+
+        grid_jobs = args.grid_jobs or default_jobs()
+        grid_kw = (
+            {"seeds": 2, "steps": 20, "repeats": 1, "tricks": GRID_TRICKS[:1]}
+            if args.quick
+            else {"seeds": args.grid_seeds, "steps": args.grid_steps, "repeats": args.grid_repeats}
+        )
+        rows = grid_throughput(jobs=grid_jobs, vectorize=args.vectorized_seeds, threads=args.threads, **grid_kw)
+        emit(
+            "grid",
+            "Grid throughput: bench run vs the bare training loops of its runs, and seed-vectorized",
+            rows,
+            f"toy_diffusion, full factorial of {', '.join(grid_kw.get('tricks', GRID_TRICKS))} (task-role tricks: "
+            "the bare loop trains every arm as the harness does), evaluation at the end only. bench run: a fresh "
+            f"`bench run --jobs {grid_jobs} --no-report` (CPU = that process and every process it waited for: "
+            "workers, manager); bare loops: BareLoop + one final evaluation per run, one after another in a fresh "
+            "Python, CPU of the loops alone (imports excluded; the bare process's total is listed too). The three "
+            "are interleaved (rotating order), each repeat kept; ratios are formed within a repeat. Targets (issue "
+            f"18): bench run ≤ {GRID_TARGET_CPU}× the bare loops' CPU; seed-vectorized ≥ {GRID_TARGET_SPEEDUP}× "
+            "faster end to end than per-run bench run.",
         )
     if "scaling" in args.only:
         sizes = (2, 4) if args.quick else (4, 8, 16)
@@ -1127,11 +1374,9 @@ def run(args: argparse.Namespace) -> int:
         + (" --quick" if args.quick else "")
     )
     header += f"\n- command: bench perf {options}\n\n"
-    # all parts: perf_<date>.md; a subset gets its own file, so it does not replace a full run's tables
-    subset = "" if set(args.only) == set(PARTS) else "_" + "+".join(p for p in PARTS if p in args.only)
-    md_path = args.out / f"perf_{stamp}{subset}.md"
+    md_path = out / "perf.md"
     md_path.write_text(header + "\n".join(sections))
     for part, rows in tables.items():
-        _write_csv(args.out / f"perf_{stamp}_{part}.csv", rows)
-    print(f"written: {md_path} and {len(tables)} CSV file(s) in {args.out}")
+        _write_csv(out / f"{part}.csv", rows)
+    print(f"written: {md_path} and {len(tables)} CSV file(s) in {out}")
     return 0 if ok else 1
