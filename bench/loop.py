@@ -912,6 +912,34 @@ class _Group:
 
         return torch.func.vmap(seed_loss, in_dims=(0, 0, dims), randomness="error")
 
+    def _forward_fn(self, live: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``forward(x)`` for :meth:`Task.batch_group`: every live seed's model on its own slice of ``x`` (one
+        slice per live seed, in order), as one batched call without gradients."""
+        n = len(self.members)
+        names_p, names_b, skeleton = self._param_names, self._buffer_names, self.skeleton
+        weights = tuple(p.detach() for p in self.params.values())
+        buffers = tuple(self.buffers.values())
+
+        def seed_forward(params: tuple[torch.Tensor, ...], bufs: tuple[torch.Tensor, ...], x: torch.Tensor) -> Any:
+            skeleton.load(names_p, params)
+            skeleton.load(names_b, bufs, buffers=True)
+            try:
+                return skeleton.module(x)
+            finally:
+                skeleton.clear()
+
+        batched = torch.func.vmap(seed_forward, in_dims=(0, 0, 0), randomness="error")
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                if len(live) == n:
+                    return batched(weights, buffers, x)
+                full = x.new_zeros((n, *x.shape[1:]))  # a finished seed's slice computes on zeros, ignored
+                full[live] = x
+                return batched(weights, buffers, full)[live]
+
+        return forward
+
     def run(self) -> list[dict[str, Any]]:
         with warnings.catch_warnings():
             # the seed-major gradient buffer's views have other strides than the stacked parameters (by design:
@@ -929,6 +957,9 @@ class _Group:
         trainable = [self.params[name] for name in self.trainable]
         uniform = len({(p.device, p.dtype) for p in trainable}) == 1
         weights, buffers = tuple(self.params.values()), tuple(self.buffers.values())
+        task_cls = type(lead.task)
+        # a task that builds all seeds' batches at once (Task.batch_group) is asked; else each seed's batch
+        group_batch = getattr(task_cls.batch_group, "__func__", None) is not getattr(Task.batch_group, "__func__", None)
         # as a run alone: gradients in one buffer (seed-major: row i = seed i's run-alone layout) for tasks that
         # declare dense_grads, so each seed's norm is the same one BLAS call; else each seed's _grad_norm_
         flat = (
@@ -985,10 +1016,17 @@ class _Group:
                 MicroBatch(step=step, index=j, count=k, size=size, progress=progress)
                 for j, size in enumerate(micro_sizes)
             ]
-            for i in live:
-                m = members[i]
-                _seed_global_rng(global_seeds[i][step - seeds_from], m.device)
-                last_batches[i] = [m.task.batch(m.model, mb) for mb in mbs]
+            if group_batch:  # the task builds every live seed's batch at once (e.g. environments in lockstep)
+                _seed_global_rng(global_seeds[live[0]][step - seeds_from], lead.device)
+                forward = self._forward_fn(live)
+                per_micro = [task_cls.batch_group([members[i].task for i in live], forward, mb) for mb in mbs]
+                for pos, i in enumerate(live):
+                    last_batches[i] = [batches[pos] for batches in per_micro]  # type: ignore[index]
+            else:
+                for i in live:
+                    m = members[i]
+                    _seed_global_rng(global_seeds[i][step - seeds_from], m.device)
+                    last_batches[i] = [m.task.batch(m.model, mb) for mb in mbs]
             # one vmapped forward/backward for all seeds per micro-batch: the seeds are independent, so the
             # gradient of the sum of their losses is each seed's own gradient in its slice
             loss_sum: torch.Tensor | None = None

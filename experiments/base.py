@@ -21,7 +21,7 @@ arm of a seed and after a resume. Sub-streams of one purpose are named constants
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -173,6 +173,20 @@ class Task(ABC):
     @abstractmethod
     def loss(self, model: nn.Module, batch: Any, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar training loss of ``batch`` (not yet divided for accumulation) and extra per-step stats."""
+
+    @classmethod
+    def batch_group(
+        cls, tasks: Sequence[Task], forward: Callable[[torch.Tensor], torch.Tensor], mb: MicroBatch
+    ) -> list[Any] | None:
+        """Seed-vectorized groups only: micro-batch ``mb`` of every seed at once (``tasks``: each seed's own
+        task instance, in order), or None (the default) to have the loop call each seed's :meth:`batch`.
+
+        For batches that act with the model (e.g. environments stepped in lockstep): ``forward(x)`` applies
+        every seed's model to its own slice of ``x`` (leading seed dimension, one slice per task) in one
+        batched call, without gradients. Each seed's batch must be what its :meth:`batch` would return from
+        its own state and streams; the global RNG is not re-seeded per seed here (draw from named streams).
+        """
+        return None
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 - optional hook
         """Called once after every optimizer step (e.g. a DQN target-network update)."""

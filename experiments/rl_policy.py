@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -389,11 +389,18 @@ class RLPolicy(Task):
             self._u_block, self._u_values = block, u.tolist()
         return self._u_values[offset]
 
-    def _act(self, model: nn.Module, obs: np.ndarray, env_step: int) -> int:
+    def _explore(self, env_step: int) -> int | None:
+        """The random action of ε-greedy at environment step ``env_step``, or None when it acts greedily."""
         eps = self.epsilon(env_step)
         u = self.exploration_number(env_step)
         if u < eps:
             return min(int(u / eps * self.num_actions), self.num_actions - 1)
+        return None
+
+    def _act(self, model: nn.Module, obs: np.ndarray, env_step: int) -> int:
+        action = self._explore(env_step)
+        if action is not None:
+            return action
         return int(model(torch.as_tensor(obs, device=self.device)[None]).argmax(1))
 
     def _env_steps(self, model: nn.Module, n: int) -> torch.Tensor:
@@ -403,26 +410,29 @@ class RLPolicy(Task):
         :meth:`unpack`): one tensor per batch keeps the per-step tensor operations few, which
         is most of the cost of a task this small.
         """
-        d = len(self.obs_center)
-        rows = np.empty((n, 2 * d + 3), dtype=np.float32)
+        rows = np.empty((n, 2 * len(self.obs_center) + 3), dtype=np.float32)
         with torch.no_grad():
             for i in range(n):
-                action = self._act(model, self.obs, self.env_steps)
-                next_obs, reward, terminated, truncated, _ = self.env.step(action)
-                rows[i, :d] = self.obs
-                rows[i, d : d + 2] = (action, reward)
-                rows[i, d + 2 : 2 * d + 2] = next_obs
-                rows[i, -1] = terminated
-                self.env_steps += 1
-                self.episode_return += float(reward)
-                if terminated or truncated:
-                    self.train_returns.append(self.episode_return)
-                    self.train_return_steps.append(self.env_steps)
-                    self.episode += 1
-                    self.episode_return = 0.0
-                    next_obs, _ = self.env.reset(seed=self.streams.seed_for("env", Env.RESET, self.episode))
-                self.obs = next_obs
+                self._env_step(self._act(model, self.obs, self.env_steps), rows[i])
         return torch.from_numpy(rows)
+
+    def _env_step(self, action: int, row: np.ndarray) -> None:
+        """One environment step with ``action``: the transition into ``row``, episode bookkeeping, resets."""
+        d = len(self.obs_center)
+        next_obs, reward, terminated, truncated, _ = self.env.step(action)
+        row[:d] = self.obs
+        row[d : d + 2] = (action, reward)
+        row[d + 2 : 2 * d + 2] = next_obs
+        row[-1] = terminated
+        self.env_steps += 1
+        self.episode_return += float(reward)
+        if terminated or truncated:
+            self.train_returns.append(self.episode_return)
+            self.train_return_steps.append(self.env_steps)
+            self.episode += 1
+            self.episode_return = 0.0
+            next_obs, _ = self.env.reset(seed=self.streams.seed_for("env", Env.RESET, self.episode))
+        self.obs = next_obs
 
     def unpack(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Views of transition rows: obs, action (int64), reward, next_obs, terminated (0/1 float)."""
@@ -437,7 +447,37 @@ class RLPolicy(Task):
 
     # --- training ---------------------------------------------------------------------------
     def batch(self, model: nn.Module, mb: MicroBatch) -> Any:
-        new = self._env_steps(model, self.samples_per_micro_batch(mb.size))
+        return self._learning_batch(self._env_steps(model, self.samples_per_micro_batch(mb.size)), mb)
+
+    @classmethod
+    def batch_group(
+        cls, tasks: Sequence[Task], forward: Callable[[torch.Tensor], torch.Tensor], mb: MicroBatch
+    ) -> list[Any]:
+        """Seed-vectorized: every seed's micro-batch, their environments stepped in lockstep.
+
+        At each environment step every seed draws its own exploration number (as :meth:`batch` does);
+        when at least one acts greedily, one batched forward of all the seeds' Q-networks on their own
+        observations (``forward``) gives the greedy actions. Then each seed steps its own environment and
+        builds its learning batch from its own transitions and replay buffer — each seed's stream of
+        transitions is the one its run alone would collect, up to a greedy argmax that a last-bit
+        difference of the batched forward can flip on a near tie.
+        """
+        me: list[RLPolicy] = list(tasks)  # type: ignore[arg-type]
+        n = me[0].samples_per_micro_batch(mb.size)
+        rows = [np.empty((n, 2 * len(t.obs_center) + 3), dtype=np.float32) for t in me]
+        with torch.no_grad():
+            for i in range(n):
+                actions = [t._explore(t.env_steps) for t in me]
+                if any(a is None for a in actions):
+                    obs = torch.as_tensor(np.stack([t.obs for t in me]), device=me[0].device)[:, None]  # (S, 1, d)
+                    greedy = forward(obs)[:, 0].argmax(1).tolist()
+                    actions = [g if a is None else a for a, g in zip(actions, greedy)]
+                for t, a, r in zip(me, actions, rows):
+                    t._env_step(a, r[i])
+        return [t._learning_batch(torch.from_numpy(r), mb) for t, r in zip(me, rows)]
+
+    def _learning_batch(self, new: torch.Tensor, mb: MicroBatch) -> dict[str, torch.Tensor]:
+        """The learning batch of micro-batch ``mb`` once its new transitions ``new`` were collected."""
         extra = {}
         if self.buffer is not None:  # TRICK: replay_buffer — push the transitions, learn from a sample of all kept
             self.buffer.extend({"transition": new})

@@ -409,3 +409,44 @@ def test_slurm_array_task_trains_one_group_and_submission_chunks_by_group(
     for run_id, job in sub.runs.items():
         by_job.setdefault(job, set()).add(run_id)
     assert sorted(by_job.values(), key=sorted) == sorted(({c.run_id for c in g} for g in groups), key=sorted)
+
+
+def test_rl_lockstep_batches_are_each_seeds_own_batches() -> None:
+    """rl_policy's batch_group (environments stepped in lockstep, one batched forward per environment step) gives
+    each seed exactly the batch its own ``batch`` gives — same transitions, replay samples and TD targets — and
+    leaves every environment in the same state (checked with an exact per-seed forward)."""
+    from bench.loop import build_task
+    from bench.seeds import SeedBundle
+    from experiments.rl_policy import RLPolicy
+
+    cells = arm("rl_policy", {"replay_buffer": {"capacity": 64}, "stratified_sampling": None}, params={"eps_end": 0.3})
+
+    def seed_tasks() -> tuple[list[RLPolicy], list[torch.nn.Module]]:
+        tasks, models = [], []
+        for cell in cells:
+            streams = SeedBundle(cell.seed)
+            task, _ = build_task(cell.config, streams, torch.device("cpu"))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(streams.seed_for("init"))
+                models.append(task.build_model())
+            tasks.append(task)
+        return tasks, models
+
+    alone, alone_models = seed_tasks()
+    grouped, group_models = seed_tasks()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x[i]) for i, m in enumerate(group_models)])
+
+    for step in range(40):  # 160 environment steps: episodes end and reset, ε decays into greedy actions
+        mb = MicroBatch(step=step, index=0, count=1, size=32, progress=step / 40)
+        together = RLPolicy.batch_group(grouped, forward, mb)
+        for task, model, batch in zip(alone, alone_models, together):
+            own = task.batch(model, mb)
+            assert own.keys() == batch.keys()
+            assert all(torch.equal(own[k], batch[k]) for k in own), step
+    from bench.checkpoints import content_digest
+
+    for a, g in zip(alone, grouped):  # environment physics, counters, replay buffer: the same, bit for bit
+        assert content_digest(a.state_dict()) == content_digest(g.state_dict())
+        assert a.episode > 0
