@@ -1249,6 +1249,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.grid_jobs is not None and args.grid_jobs < 1:
         raise ValueError(f"--grid-jobs: {args.grid_jobs} is not allowed; allowed: ≥ 1")
+    from bench.executors.local import default_jobs
+
     machine = machine_description()
     out = output_folder(args.out)
     sections: list[str] = []
@@ -1324,8 +1326,6 @@ def run(args: argparse.Namespace) -> int:
             "models + training + final evaluation + writing the run folders (per seed in both).",
         )
     if "grid" in args.only:
-        from bench.executors.local import default_jobs
-
         grid_jobs = args.grid_jobs or default_jobs()
         grid_kw = (
             {"seeds": 2, "steps": 20, "repeats": 1, "tricks": GRID_TRICKS[:1]}
@@ -1371,6 +1371,13 @@ def run(args: argparse.Namespace) -> int:
         f"--only {' '.join(args.only)} --tasks {' '.join(tasks)} --repeats {repeats} --trick-repeats {trick_repeats} "
         f"--threads {args.threads}"
         + (f" --steps {args.steps}" if args.steps else "")
+        + (f" --vectorized-seeds {args.vectorized_seeds}" if {"vectorized", "grid"} & set(args.only) else "")
+        + (
+            f" --grid-seeds {args.grid_seeds} --grid-steps {args.grid_steps} --grid-repeats {args.grid_repeats}"
+            f" --grid-jobs {args.grid_jobs or default_jobs()}"
+            if "grid" in args.only
+            else ""
+        )
         + (" --quick" if args.quick else "")
     )
     header += f"\n- command: bench perf {options}\n\n"
