@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for c in launch.cells:
             print(f"  {c.run_id}  {launch.status[c.run_id]:<10} {c.task:<20} {c.arm:<32} seed {c.seed}")
         if slurm is not None and cluster is not None:
-            _dry_run_slurm(launch, slurm, cluster)
+            _dry_run_slurm(launch, slurm, cluster, vectorize)
         return 0
     version = code_version()
     if slurm is not None:  # damaged runs are moved aside by the array task that retrains them (worker.run_one)
@@ -241,7 +241,7 @@ def _write_report(grid_dir: Path, args: argparse.Namespace) -> None:
         print(f"report: {path}")
 
 
-def _dry_run_slurm(launch: LaunchPlan, options: SlurmOptions, cluster: Cluster) -> None:
+def _dry_run_slurm(launch: LaunchPlan, options: SlurmOptions, cluster: Cluster, vectorize: int | None = None) -> None:
     """What a SLURM launch would submit, and sbatch's own verdict (``sbatch --test-only``; nothing submitted)."""
     from bench.executors.slurm import test_only
     from bench.executors.slurm_cluster import array_sizes
@@ -249,10 +249,11 @@ def _dry_run_slurm(launch: LaunchPlan, options: SlurmOptions, cluster: Cluster) 
     todo = _slurm_todo(launch, options)
     if not todo:
         return
-    tasks = -(-len(todo) // options.runs_per_task)
+    tasks = _slurm_tasks(launch, options, vectorize)
     sizes = array_sizes(tasks, cluster.max_array_size)
     arrays = f" in {len(sizes)} arrays (MaxArraySize {cluster.max_array_size})" if len(sizes) > 1 else ""
-    print(f"would submit {len(todo)} runs as {tasks} array tasks ({options.runs_per_task} per task){arrays}")
+    per_task = f"one group of up to {vectorize} seeds" if vectorize else options.runs_per_task
+    print(f"would submit {len(todo)} runs as {tasks} array tasks ({per_task} per task){arrays}")
     print(f"sbatch --test-only: {test_only(options, launch.grid_dir, launch.spec.grid, sizes[0])}")
 
 

@@ -288,7 +288,7 @@ def vectorize_problems(cells: Sequence[Cell]) -> list[str]:
         )
         return [
             f"task: {ref['task']!r} cannot be seed-vectorized{why}; allowed: {', '.join(able) or 'none'} "
-            "(or train it without --vectorize-seeds)"
+            "(train it without --vectorize-seeds, or leave it out of this launch with --tasks)"
         ]
     problems = []
     for option, off in (("compile", False), ("channels_last", False), ("autocast", "none")):
