@@ -450,3 +450,33 @@ def test_rl_lockstep_batches_are_each_seeds_own_batches() -> None:
     for a, g in zip(alone, grouped):  # environment physics, counters, replay buffer: the same, bit for bit
         assert content_digest(a.state_dict()) == content_digest(g.state_dict())
         assert a.episode > 0
+
+
+def test_a_crash_in_a_group_fails_its_unfinished_members_and_a_relaunch_resumes_them(
+    tmp_path: Path, vec_synthetic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in a task (not a divergence; seeds 0 and 2: seed 1 of this task diverges) ends the group:
+    every member without a result gets error.json (status failed, re-run on re-launch) and keeps its last
+    checkpoint; the re-launch resumes them."""
+    from bench.loop import train_group_cells
+
+    train_cfg = {"budget_samples": 512, "checkpoint_every_samples": 128}
+    cells = expand(parse_spec({"grid": "crash", "seeds": [0, 2], "tasks": {vec_synthetic: {"train": train_cfg}}}))
+    dirs = [tmp_path / c.run_id for c in cells]
+    task_cls = get_task(vec_synthetic)
+    original = task_cls.batch
+
+    def flaky(self: Any, model: torch.nn.Module, mb: MicroBatch) -> Any:
+        if mb.step == 6:
+            raise RuntimeError("disk on fire")
+        return original(self, model, mb)
+
+    monkeypatch.setattr(task_cls, "batch", flaky)
+    crashed = train_group_cells(cells, dirs)
+    assert [r["status"] for r in crashed] == ["failed", "failed"] and "disk on fire" in crashed[0]["error"]
+    assert all(store.run_status(d) == "failed" and (d / store.CHECKPOINT).exists() for d in dirs)
+    monkeypatch.setattr(task_cls, "batch", original)
+    again = train_group_cells(cells, dirs)
+    assert [r["status"] for r in again] == ["completed", "completed"] and all(r["cost"]["resumes"] == 1 for r in again)
+    whole = train_group(cells, [tmp_path / "whole" / c.run_id for c in cells])
+    assert [_same(a["metric"], b["metric"]) for a, b in zip(whole, again)] == [True, True]
