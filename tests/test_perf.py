@@ -116,7 +116,7 @@ def test_throughput_grid_is_64_runs_the_bare_loop_can_train(tmp_path: Path) -> N
     assert done["runs"] == 2 and done["cpu_s"] > 0
 
 
-@pytest.mark.slow  # ~1-2 min: three fresh `bench run`-sized processes on a tiny grid
+@pytest.mark.slow  # 15-40 s: three fresh processes (two `bench run` launches) on a tiny grid
 def test_bench_perf_grid_part_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["perf", "--quick", "--only", "grid", "--out", str(tmp_path)])
     assert code == 0
