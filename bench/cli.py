@@ -106,6 +106,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; train and write nothing")
     p.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="train again the runs whose code changed since they trained (their tricks', task's or the loop's "
+        "source: see config.json's fingerprint); without it they are kept, not resumed, and marked stale",
+    )
+    p.add_argument(
         "--max-runs",
         type=int,
         default=None,

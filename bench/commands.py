@@ -113,7 +113,7 @@ def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
 def cmd_run(args: argparse.Namespace) -> int:
     spec_path, overrides, selection = run_inputs(args)
     # SpecError / ValueError here: nothing written
-    launch = plan(spec_path, args.results, overrides, selection, max_runs=_max_runs(args))
+    launch = plan(spec_path, args.results, overrides, selection, max_runs=_max_runs(args), rerun_stale=args.rerun_stale)
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
@@ -139,6 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             _dry_run_slurm(launch, slurm, cluster)
         return 0
     version = code_version()
+    if launch.rerun_stale and launch.stale:  # asked for explicitly: the stale folders go aside before any executor
+        for run_id, parts in launch.stale.items():
+            rdir = store.run_dir(args.results, launch.spec.grid, run_id)
+            store.quarantine_run(rdir, f"trained by other code ({'; '.join(parts)} changed)", folder=store.STALE)
+        launch = plan_for(launch.spec, args.results, launch.overrides, launch.selection)
     if slurm is not None:  # damaged runs are moved aside by the array task that retrains them (worker.run_one)
         return _run_slurm(launch, args, slurm, version, cluster)  # grid.yaml written once sbatch accepted
     moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
