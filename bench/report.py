@@ -215,9 +215,10 @@ def _methods(gs: GridStats) -> list[str]:
         "**Diverged runs** (non-finite loss) have no final metric: every pair (factorial: every seed block) with a "
         "diverged run is left out of the metric effects and counted as *excl. (div.)*; divergence rates are "
         "reported under Stability.",
-        "**Stability.** Spread ratio = mean absolute deviation across seeds of the primary metric with the trick "
-        "on / off (for normal metrics the ratio of standard deviations), with Fieller's interval for a ratio of "
-        "paired means (calibrated like the effect interval, from 3 seeds); loss spikes = steps whose log-loss exceeds "
+        "**Stability.** Spread ratio = Gini mean difference (mean |difference| between two seeds) of the primary "
+        "metric with the trick on / off (for normal metrics the ratio of standard deviations), with a jackknife "
+        "t-interval of the log ratio (calibrated from 3 seeds); with one arm a side, ✱ marks a change of spread that "
+        "the exact within-seed swap test confirms (p < 0.05); loss spikes = steps whose log-loss exceeds "
         "the trailing 25-step median by 5 robust standard deviations. **Cost**: per-seed ratio on / off of train time "
         "and peak memory per sample, geometric mean with the t-interval of the mean log ratio; timings from a shared "
         "machine are noisy and CPU memory is sampled "
@@ -456,7 +457,7 @@ def _stability_table(doc: _Doc, ts: TaskStats) -> None:
     if not len(st):
         doc.para("(no stability statistics)")
         return
-    header = ["trick", f"seed spread (mean abs. deviation) of {ts.metric}, on / off [95% CI]",
+    header = ["trick", f"seed spread (Gini mean difference) of {ts.metric}, on / off [95% CI]",
               "loss spikes per run, on vs off", "Δ spikes [95% CI]", "diverged runs, on vs off",
               "Δ divergence rate [95% CI]", "p (Holm)"]  # fmt: skip
     rows = []
@@ -465,7 +466,7 @@ def _stability_table(doc: _Doc, ts: TaskStats) -> None:
         rows.append(
             [
                 r["term"],
-                _ratio(g("spread_ratio"), g("spread_low"), g("spread_high")),
+                _ratio(g("spread_ratio"), g("spread_low"), g("spread_high")) + " ✱" * bool(g("spread_changed")),
                 f"{_g(g('spikes_on'))} vs {_g(g('spikes_off'))}",
                 _effect(g("spikes_diff"), g("spikes_low"), g("spikes_high"), g("spikes_n")),
                 f"{_seeds(g('diverged_total_on'))} vs {_seeds(g('diverged_total_off'))}",

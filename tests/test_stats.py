@@ -15,6 +15,7 @@ edge cases and the design contrasts. The simulation here: seed s gives the refer
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -264,27 +265,39 @@ def test_spread_ratio_recovers_a_known_ratio() -> None:
     off = rng.normal(0, 1.0, (40, 1))
     on = rng.normal(0, 2.0, (40, 1))
     sr = stats.spread_ratio(on, off)
-    assert sr.low < 2.0 < sr.high and 1.5 < sr.ratio < 2.7 and sr.method == "Fieller"
-    assert sr.p < 0.05  # the interval excludes 1 and the paired test agrees
-    assert math.isnan(stats.spread_ratio(on[:2], off[:2]).low)  # 2 seeds: no interval
+    assert sr.low < 2.0 < sr.high and 1.5 < sr.ratio < 2.7 and sr.method == "jackknife"
+    assert sr.p < 0.05 and sr.changed  # the interval excludes 1 and the exact swap test agrees
+    two = stats.spread_ratio(on[:2], off[:2])
+    assert math.isnan(two.low) and two.method == "none" and not two.changed  # 2 seeds: no interval
     multi = stats.spread_ratio(rng.normal(0, 1.0, (30, 4)), rng.normal(0, 1.0, (30, 4)))  # factorial: 4 arms a side
-    assert multi.low < 1.0 < multi.high
+    assert multi.low < 1.0 < multi.high and math.isnan(multi.p)
 
 
-def test_spread_interval_excludes_one_exactly_when_its_test_rejects() -> None:
+def test_gini_spread_interval_against_a_direct_computation() -> None:
     rng = np.random.default_rng(6)
-    u = rng.normal(size=(3000, 8, 1))
-    on, off = u + 1.6 * rng.normal(size=(3000, 8, 1)), u + rng.normal(size=(3000, 8, 1))
-    a = np.abs(on - on.mean(axis=1, keepdims=True)).mean(axis=2)
-    b = np.abs(off - off.mean(axis=1, keepdims=True)).mean(axis=2)
-    ratio, lo, hi, p = stats.fieller_ratio(a, b)
-    ok = np.isfinite(hi)
-    assert ok.mean() > 0.98 and np.all(lo[~ok] == 0) and np.all(np.isnan(p[~ok]))  # unbounded: 0..∞, no claim
-    excludes = (lo > 1) | (hi < 1)
-    assert 0.1 < excludes[ok].mean() < 0.9
-    assert np.array_equal((p < 0.05)[ok], excludes[ok])
+    on, off = rng.normal(0, 1.5, (7, 2)), rng.normal(0, 1.0, (7, 2))
+    gini = lambda x: np.mean([abs(a - b) for a, b in itertools.permutations(x, 2)])  # noqa: E731
+    ratio = lambda a, b: np.mean([gini(c) for c in a.T]) / np.mean([gini(c) for c in b.T])  # noqa: E731
+    loo = np.log([ratio(np.delete(on, i, 0), np.delete(off, i, 0)) for i in range(7)])
+    se = math.sqrt(6 / 7 * np.sum((loo - loo.mean()) ** 2))
+    half = sps.t.ppf(0.975, 6) * se
+    r, lo, hi = stats.gini_spread_interval(on, off)
+    assert r == pytest.approx(ratio(on, off))
+    assert (lo, hi) == pytest.approx((ratio(on, off) * math.exp(-half), ratio(on, off) * math.exp(half)))
+
+
+def test_swap_test_is_exact_when_the_arms_are_exchangeable() -> None:
+    """All 2^5 swap patterns: under no effect the p is uniform on its lattice, so P(p ≤ α) ≤ α for every α."""
+    rng = np.random.default_rng(8)
+    u = rng.standard_t(3, size=(20_000, 5))
+    on, off = u + rng.standard_t(3, size=(20_000, 5)), u + rng.standard_t(3, size=(20_000, 5))
+    p = stats.swap_test_p(on, off, stats.swap_patterns(5))
+    for alpha in (2 / 32, 4 / 32, 8 / 32):  # 32 patterns, each statistic value twice (swap all = same |log ratio|)
+        assert np.mean(p <= alpha) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / 20_000)
+    assert np.mean(p <= 4 / 32) > 0.1  # and it is not vacuous
     one = stats.spread_ratio(on[0], off[0])
-    assert (one.ratio, one.low, one.high) == pytest.approx((ratio[0], lo[0], hi[0]))
+    assert one.p == pytest.approx(p[0])
+    assert stats.swap_patterns(20).shape == (4096, 20)  # beyond 12 seeds: 4,096 random patterns
 
 
 # --- designs -------------------------------------------------------------------------------------------------
