@@ -196,7 +196,7 @@ def spread_coverage(shape: str, n: int, families: int = FAMILIES) -> float:
 
 
 def spread_false_claims(shape: str, n: int, families: int = SPREAD_AA_FAMILIES, test: bool = True) -> float:
-    """A/A: the share of families where "spread changed" is claimed (interval excludes 1; with ``test``, and swap p < α)."""
+    """A/A: the share of families claiming "spread changed" (interval excludes 1; with ``test`` also swap p < α)."""
     off, on = simulate(shape, _rng("spread-aa", shape, n), families, n, aa=True)
     _, lo, hi = stats.gini_spread_interval(on[:, 0, :, None], off[:, :, None])
     claim = (lo > 1) | (hi < 1)
