@@ -196,7 +196,7 @@ def _methods(gs: GridStats) -> list[str]:
         "recipe); factorial designs: the ±1-coded contrast per seed (mean of the arms with the trick on − mean of "
         "those with it off; seed is a blocking factor).",
         f"**Interval.** {CONFIDENCE:.0%} paired t-interval of the mean difference over seeds. Its coverage is "
-        "measured in CI (tests/test_calibration.py): 94–97% at 2 to 20 seeds on normal, heavy-tailed (t₃), "
+        "measured in CI (tests/test_calibration.py): 93.9–96.6% at 2 to 20 seeds on normal, heavy-tailed (t₃), "
         "lognormal, skewed and outlier-prone simulated metrics; strongly skewed differences (skewness ≥ 2) cover "
         f"less (88–92%). An interval needs {MIN_TEST_SEEDS} seeds; † marks one that is not calibrated.",
         "**p-value.** Paired t-test of the mean difference, the test the interval inverts (so p < 0.05 exactly when "
@@ -218,10 +218,10 @@ def _methods(gs: GridStats) -> list[str]:
         "**Stability.** Spread ratio = Gini mean difference (mean |difference| between two seeds) of the primary "
         "metric with the trick on / off (for normal metrics the ratio of standard deviations), with a jackknife "
         "t-interval of the log ratio (calibrated from 3 seeds); with one arm a side, ✱ marks a change of spread that "
-        "the exact within-seed swap test confirms (p < 0.05); loss spikes = steps whose log-loss exceeds "
-        "the trailing 25-step median by 5 robust standard deviations. **Cost**: per-seed ratio on / off of train time "
-        "and peak memory per sample, geometric mean with the t-interval of the mean log ratio; timings from a shared "
-        "machine are noisy and CPU memory is sampled "
+        "the exact within-seed swap test confirms (p < 0.05, possible from 6 seeds); loss spikes = steps whose "
+        "log-loss exceeds the trailing 25-step median by 5 robust standard deviations. **Cost**: per-seed ratio "
+        "on / off of train time and peak memory per sample, geometric mean with the t-interval of the mean log "
+        "ratio; timings from a shared machine are noisy and CPU memory is sampled "
         "resident-set growth (approximate).",
     ]
 

@@ -20,11 +20,12 @@ Conventions (written into every report):
   disagree: p < α exactly when the (1 − α) interval excludes 0, and p(Holm) ≥ p. Chosen by
   calibration (tests/test_calibration.py, 20,000 simulated families per cell): over five
   data shapes (normal, t₃, lognormal metric, skewed differences, rare outlier runs) at 2, 3,
-  5, 10 and 20 seeds it covers 94–97 % (nominal 95 %). The shipped alternative, BCa bootstrap
-  at a level expanded for small n, covered 83–94 % on the same shapes: a bootstrap interval
-  cannot be wider than the data and resamples n values as if they were the population; the
+  5, 10 and 20 seeds it covers 93.9–96.6 % (nominal 95 %). The interval shipped before,
+  BCa bootstrap at a level expanded for small n, covered 72–76 % at 3 seeds and 88.5–94.8 %
+  at 5–20 seeds on the same shapes (``python -m tests.test_calibration``): a bootstrap
+  interval cannot be wider than the data and treats n values as the population; the
   percentile and BCa variants share that fault at n ≤ 20, and a bootstrap-t (studentized)
-  interval, the bootstrap that does reach nominal coverage, is erratic at 5 seeds and costs
+  interval, the bootstrap that can reach nominal coverage, is erratic at 5 seeds and costs
   10⁴ resamples per family, too slow to keep calibrating in CI. Known limits (measured in
   the same module): strongly skewed differences (skewness ≥ 2, e.g. exponential) cover
   88–92 %; frequent large outliers (≥ 5 % of runs, ≥ 10σ) over-cover (97–98 %, conservative).
@@ -89,6 +90,7 @@ __all__ = [
     "seeds_needed",
     "seeds_needed_interval",
     "spread_ratio",
+    "swap_patterns",
     "swap_test_p",
     "t_test_power",
     "term_effect",
@@ -101,7 +103,7 @@ POWER = 0.8  # power assumed when saying how many seeds a verdict needs
 N_RESAMPLES = 10_000  # Monte Carlo sign patterns of the sign-flip p beyond 13 seeds
 MIN_EFFECT_SIZE = 0.5  # |mean| / sd of the paired differences (Cohen's d_z) that counts as "practically large"
 #: fewest seeds for a paired t-test and interval (one needs an sd); tests/test_calibration.py measures the
-#: interval's coverage from here on: 94–97 % at 2, 3, 5, 10, 20 seeds over the five data shapes
+#: interval's coverage from here on: 93.9–96.6 % at 2, 3, 5, 10, 20 seeds over the five data shapes
 MIN_TEST_SEEDS = 2
 MIN_RELIABLE_CI_SEEDS = MIN_TEST_SEEDS  # older name (report, plots): intervals from fewer seeds are flagged
 MIN_SPREAD_SEEDS = 3  # the spread ratio's jackknife interval needs 3 seeds (leave-one-out keeps a pair)
@@ -373,13 +375,15 @@ def spread_ratio(on: np.ndarray, off: np.ndarray, *, confidence: float = CONFIDE
     ``on``/``off``: seeds × arms matrices (or 1-D for one arm each) of the same seeds. The
     spread of an arm is its Gini mean difference across seeds (mean |y_s − y_t|; for normal
     metrics √2·2/√π·sd, so the ratio is the ratio of standard deviations), averaged over the
-    arms of a side. The interval (:func:`gini_spread_interval`) covers 94–97 % over the
-    additive shapes of tests/test_calibration.py from 3 seeds (92–95 % with a multiplicative,
-    lognormal seed factor); a variance ratio's interval needs the fourth moment and covered
-    64–89 % on t₃ and outlier data. With one arm a side, ``p`` is the exact within-seed swap
-    test (:func:`swap_test_p`; all 2^n patterns up to 12 seeds, 4,096 random ones beyond) and
+    arms of a side. The interval (:func:`gini_spread_interval`) covers 94.2–96.1 % over the
+    additive shapes of tests/test_calibration.py at 3–20 seeds (91.4–95.4 % with a
+    multiplicative, lognormal seed factor; the bootstrap of the sd ratio shipped before covered
+    71–93 %); a variance ratio's interval needs the fourth moment (Pitman–Morgan covered 64–89 %
+    on t₃ and outlier data). With one arm a side, ``p`` is the exact within-seed swap test
+    (:func:`swap_test_p`; all 2^n patterns up to 12 seeds, 4,096 random ones beyond) and
     :attr:`SpreadRatio.changed` needs both, so "spread changed" is claimed in at most α of grids
-    where the trick changes nothing, whatever the data's shape.
+    where the trick changes nothing, whatever the data's shape; its smallest p is 2/2^n, so a
+    change can be claimed from 6 seeds on.
     """
     on = np.asarray(on, dtype=np.float64)
     off = np.asarray(off, dtype=np.float64)
