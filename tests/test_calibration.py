@@ -262,8 +262,8 @@ def test_true_values_used_by_the_checks() -> None:
 def test_adaptive_procedure_familywise_error() -> None:
     """A/A grids run to their cap through :func:`bench.sequential.simulate_grid`: no arm may be called."""
     plan = sequential.SequentialPlan(n_arms=AA_TRICKS, max_seeds=30, first_seeds=3, round_seeds=3)
-    for shape in ("normal", "t3", "lognormal", "outlier"):
-        off, on = simulate(shape, _rng("adaptive-aa", shape), 4000, plan.max_seeds, arms=AA_TRICKS, aa=True)
+    for shape in SHAPES:
+        off, on = simulate(shape, _rng("adaptive-aa", shape), AA_FAMILIES, plan.max_seeds, arms=AA_TRICKS, aa=True)
         out = sequential.simulate_grid(on - off[:, None, :], plan)
         fwer = float(np.mean(np.any(np.isin(out.verdicts, ("helps", "hurts")), axis=1)))
         assert fwer <= 0.05, f"{shape}: adaptive A/A family-wise error {fwer:.4f}"
