@@ -41,7 +41,7 @@ t-mixture of Lai 1976 / Wang & Ramdas 2023)? They need no plan at all, but they 
 validity at every n with intervals ~1.5–2× wider at the seed counts a grid reaches: simulated on
 the mixed grid of tests/test_sequential.py (4 null, 2 × 0.5σ, 2 × 1.5σ, cap 64), a t-mixture
 confidence sequence spent ≈1.3× the seeds of a fixed design of equal power, the boundaries here
-0.81× (0.53× with the futility stop, which gives up some power: a plan with it needs a higher
+0.85× (0.53× with the futility stop, which gives up some power: a plan with it needs a higher
 cap). The price of efficiency is a plan: ``max_seeds`` and the round sizes are fixed before the
 first round (store the plan with the grid; raising the cap afterwards voids the guarantee).
 Error spending tolerates unplanned information: a diverged run that removes a seed from an arm
