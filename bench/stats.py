@@ -26,9 +26,9 @@ Conventions (written into every report):
   interval cannot be wider than the data and treats n values as the population; the
   percentile and BCa variants share that fault at n ≤ 20, and a bootstrap-t (studentized)
   interval, the bootstrap that can reach nominal coverage, is erratic at 5 seeds and costs
-  10⁴ resamples per family, too slow to keep calibrating in CI. Known limits (measured in
-  the same module): strongly skewed differences (skewness ≥ 2, e.g. exponential) cover
-  88–92 %; frequent large outliers (≥ 5 % of runs, ≥ 10σ) over-cover (97–98 %, conservative).
+  10⁴ resamples per family, too slow to keep calibrating in CI. Known limits (printed by the
+  same command): strongly skewed differences (skewness 2, exponential) cover 88–92 %; frequent
+  large outliers (5 % of runs 10σ off) over-cover (96–98 %, conservative).
   The **sign-flip permutation p** (exact for symmetric differences) is reported beside.
   **Holm** adjusts p across the tricks of a task, per metric (Benjamini–Hochberg q beside).
 - **Verdict** (primary metric): helps / hurts when p(Holm) < α (the interval then excludes 0
