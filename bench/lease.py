@@ -199,6 +199,15 @@ def _read(path: Path) -> tuple[dict[str, Any], os.stat_result] | None:
     return (rec if isinstance(rec, dict) else {}), st
 
 
+def _is(path: Path, rec: dict[str, Any], st: os.stat_result) -> bool:
+    """Whether ``path`` is still the lease file read as (``rec``, ``st``): same inode and same record.
+
+    The record is compared too: a deleted file's inode number is often given to the next file made.
+    """
+    now = _read(path)
+    return now is not None and _same_file(now[1], st) and now[0] == rec
+
+
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
 
@@ -274,13 +283,10 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._done.wait(self._beat):
             try:
-                if not _same_file(os.stat(self.path), self._stat):
+                if not _is(self.path, self.record, self._stat):
                     self._lost.set()
                     return
                 os.utime(self.path)  # mtime = now (the file server's clock on NFS)
-            except FileNotFoundError:
-                self._lost.set()
-                return
             except OSError:
                 continue  # a transient filesystem error: try again at the next beat
 
@@ -295,11 +301,9 @@ class Lease:
             return
         self._done.set()
         self._thread.join()
-        try:
-            if _same_file(os.stat(self.path), self._stat):
+        with contextlib.suppress(FileNotFoundError):
+            if _is(self.path, self.record, self._stat):
                 os.unlink(self.path)
-        except FileNotFoundError:
-            pass
         self.log("release", status=status, lost=self.lost)
 
     def __enter__(self) -> Lease:
@@ -338,7 +342,7 @@ def acquire(run_dir: Path, job_id: str | None = None) -> Lease:
             reason = _stale_reason(seen, os.stat(tmp).st_mtime - st.st_mtime, me, ttl)
             if reason is None:
                 raise LeaseHeld(run_dir, seen | {"heartbeat_age_s": max(0.0, time.time() - st.st_mtime)})
-            if not _take_over(run_dir, tmp, path, takeover, st, me, ttl):
+            if not _take_over(tmp, path, takeover, (seen, st), me, ttl):
                 continue
             lease = Lease(run_dir, me, os.stat(tmp), beat)
             lease.log("takeover", reason=reason, previous={k: seen.get(k) for k in ("host", "pid", "job_id", "since")})
@@ -349,21 +353,24 @@ def acquire(run_dir: Path, job_id: str | None = None) -> Lease:
 
 
 def _take_over(
-    run_dir: Path, tmp: Path, path: Path, takeover: Path, stale: os.stat_result, me: dict[str, Any], ttl: float
+    tmp: Path,
+    path: Path,
+    takeover: Path,
+    stale: tuple[dict[str, Any], os.stat_result],
+    me: dict[str, Any],
+    ttl: float,
 ) -> bool:
     """Replace the stale lease file ``stale`` by ours, holding the takeover lock; False if anything moved meanwhile."""
     if not _link(tmp, takeover):
         other = _read(takeover)
         if other is not None:  # another taker is at it; only a dead one's lock is cleared (then try again)
             rec, st = other
-            if _stale_reason(rec, os.stat(tmp).st_mtime - st.st_mtime, me, ttl) is not None:
+            if _stale_reason(rec, os.stat(tmp).st_mtime - st.st_mtime, me, ttl) is not None and _is(takeover, rec, st):
                 with contextlib.suppress(FileNotFoundError):
-                    if _same_file(os.stat(takeover), st):
-                        os.unlink(takeover)
+                    os.unlink(takeover)
         return False
     try:
-        now = _read(path)
-        if now is None or not _same_file(now[1], stale):
+        if not _is(path, *stale):
             return False  # released or taken over by someone else since we judged it
         os.unlink(path)
         return _link(tmp, path)
