@@ -265,6 +265,7 @@ def _train(
         "error": result.get("error"),
         "step": result.get("step"),
         "holder": result.get("holder"),
+        "skipped": bool(result.get("skipped")),
     }
 
 
@@ -350,7 +351,8 @@ def run_local(
 
     ``runs_per_gpu`` (device ``cuda`` only; replaces ``jobs``): N runs at a time on each visible
     GPU, each worker pinned to one GPU when it starts. With device ``cpu`` it is a ``ValueError``.
-    Runs another live process trains are skipped, counted as ``held`` and named on stdout.
+    Runs another live process trains are skipped, counted as ``held`` and named on stdout; runs another
+    process finished after the launch planned them are counted as ``already finished``.
     """
     gpu_count = 0
     if runs_per_gpu is not None:
@@ -368,7 +370,15 @@ def run_local(
         wandb_cfg=wandb_cfg,
     )
     _print_held([r.get("holder") or {} for r in results.values() if r["status"] == lease.HELD])
-    return dict(Counter(res["status"] for res in results.values()))
+    return dict(Counter(_count_as(res) for res in results.values()))
+
+
+ALREADY_FINISHED = "already finished"  # counted for a run another process finished after the launch planned it
+
+
+def _count_as(result: dict[str, Any]) -> str:
+    """The launch summary's name for a run's outcome: its status, or ``already finished`` when not trained here."""
+    return ALREADY_FINISHED if result.get("skipped") and result["status"] != lease.HELD else result["status"]
 
 
 def _print_held(holders: list[dict[str, Any]]) -> None:
@@ -505,7 +515,7 @@ def run_pool(
     with _ParentSignals() as parent_signals:
         try:
             workers.extend(spawn(i) for i in range(jobs))
-            while workers:
+            while workers or (todo and not stopping):
                 if parent_signals.received and not stopping:
                     begin_stop("interrupted: running runs checkpoint at their next step; re-launch to resume")
                 elif stop is not None and not stopping and stop():
@@ -591,7 +601,7 @@ def run_debug(
         res = run_one(
             cell, Path(results_root), ctx, grid_tricks.get(cell.task, list(cell.tricks_on)), wandb_cfg=wandb_cfg
         )
-        counts[res["status"]] = counts.get(res["status"], 0) + 1
+        counts[_count_as(res)] = counts.get(_count_as(res), 0) + 1
         if res["status"] == lease.HELD:
             held.append(res["holder"])
     _print_held(held)
