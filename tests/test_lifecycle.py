@@ -31,14 +31,14 @@ CLI = (
     "import sys; from bench.executors.worker import register_extra_tasks; register_extra_tasks()\n"
     "from bench.cli import main; sys.exit(main(sys.argv[1:]))\n"
 )
-#: runs of ~2-4 s on an idle core, a checkpoint every 200 steps (a few ms)
+#: runs of ~1.5-3 s on an idle core, a checkpoint every 200 steps (a few ms)
 LONG = {
-    "budget_samples": 32 * 12000,
+    "budget_samples": 32 * 8000,
     "batch_size": 32,
     "eval_every_samples": 32 * 3000,
     "checkpoint_every_samples": 32 * 200,
 }
-SHORT = LONG | {"budget_samples": 32 * 2500, "eval_every_samples": 32 * 1250}
+SHORT = LONG | {"budget_samples": 32 * 1600, "eval_every_samples": 32 * 800}
 GONE_WITHIN_S = 10.0
 
 pytestmark = pytest.mark.slow
@@ -165,6 +165,8 @@ def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every
                 assert (rdir / store.CHECKPOINT).exists()
                 assert not (rdir / lease.LEASE).exists(), f"{rdir.name}: its worker did not release the lease"
 
+    if how.startswith("Ctrl-C"):
+        return  # what a re-launch makes of interrupted runs is the same whatever interrupted them (checked below)
     relaunch = ["run", str(spec), "--results", str(results), "--executor", "debug", "--no-progress", "--no-report"]
     assert main(relaunch) == 0
     cells = _assert_as_uninterrupted(results, spec, tmp_path_factory)
