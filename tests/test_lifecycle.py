@@ -121,15 +121,18 @@ def _trained(rdir: Path) -> int:
 
 
 @pytest.mark.parametrize(
-    "how", ["SIGTERM", "SIGHUP", "SIGKILL", "Ctrl-C", "Ctrl-C twice"], ids=lambda h: h.replace(" ", "-")
+    "how",
+    ["SIGTERM", "SIGHUP", "SIGKILL", "Ctrl-C", "Ctrl-C twice", "SIGTERM to the group"],
+    ids=lambda h: h.replace(" ", "-"),
 )
 def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every_run_identically(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_task: str, how: str
 ) -> None:
-    """SIGTERM / SIGHUP / SIGKILL to the ``bench run`` process alone, or Ctrl-C (SIGINT to the terminal's
-    process group, once or twice) while its pool trains: within 10 s no process it started is alive, the
-    interrupted runs kept a checkpoint and released their leases (SIGKILL: the orphaned workers checkpoint
-    at their next step themselves), and a re-launch finishes every run as if nothing had happened."""
+    """SIGTERM / SIGHUP / SIGKILL to the ``bench run`` process alone, Ctrl-C (SIGINT to the terminal's
+    process group, once or twice) or SIGTERM to the whole group while its pool trains: within 10 s no
+    process it started is alive, the interrupted runs kept a checkpoint and released their leases (SIGKILL:
+    the orphaned workers checkpoint at their next step themselves), and a re-launch finishes every run as if
+    nothing had happened (checked after the three signals to the launch alone)."""
     spec, results = _spec(tmp_path, "lifecycle", LONG, seeds=3), tmp_path / "results"
     runs = results / "lifecycle" / "runs"
     proc = _launch(spec, results, tmp_path / "launch.log", "--jobs", "2", session=True)
@@ -143,6 +146,8 @@ def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every
             if how == "Ctrl-C twice":
                 time.sleep(0.2)
                 os.killpg(proc.pid, signal.SIGINT)
+        elif how == "SIGTERM to the group":
+            os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does (every process of the job)
         else:
             os.kill(proc.pid, getattr(signal, how))  # the launching process alone
         signalled = time.monotonic()
@@ -165,7 +170,7 @@ def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every
                 assert (rdir / store.CHECKPOINT).exists()
                 assert not (rdir / lease.LEASE).exists(), f"{rdir.name}: its worker did not release the lease"
 
-    if how.startswith("Ctrl-C"):
+    if how not in ("SIGTERM", "SIGHUP", "SIGKILL"):
         return  # what a re-launch makes of interrupted runs is the same whatever interrupted them (checked below)
     relaunch = ["run", str(spec), "--results", str(results), "--executor", "debug", "--no-progress", "--no-report"]
     assert main(relaunch) == 0
