@@ -228,6 +228,7 @@ def _run_slurm(
     """Submit the runs still to train as job arrays; with ``--slurm-wait`` follow them to the end."""
     from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
     from bench.status import grid_verdict
+    from tricks.plugins import registrations
 
     wandb_cfg = _wandb_cfg(launch, args)
     settings = WorkerSettings(
@@ -239,6 +240,7 @@ def _run_slurm(
         max_requeues=options.max_requeues,
         signal_delay_s=options.signal_delay_s,
         runs_per_gpu=options.runs_per_gpu,
+        registrations=registrations(),
     )
 
     def waiting_for_lock(owner: dict) -> None:

@@ -43,7 +43,6 @@ def fast_lease(monkeypatch: pytest.MonkeyPatch) -> float:
 def _env() -> dict[str, str]:
     return os.environ | {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TRICKBENCH_EXTRA_TASKS": "synthetic=tests.synthetic_task",
     }
 
 
@@ -136,8 +135,14 @@ def test_heartbeat_refreshes_and_a_lost_lease_is_noticed(tmp_path: Path, fast_le
     assert json.loads(path.read_text())["host"] == "other-node"  # not ours: left alone
 
 
-def test_racing_takers_of_a_stale_lease_one_wins(tmp_path: Path, fast_lease) -> None:
-    """Six processes at once on a stale lease (and then on none): exactly one holds it each time."""
+def test_racing_takers_of_a_stale_lease_one_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six processes at once on a stale lease (and then on none): exactly one holds it each time.
+
+    TTL 10 s: the winner's heartbeat must never look expired to a late contender, even on a loaded machine.
+    """
+    monkeypatch.setenv(lease.TTL_ENV, "10")
+    monkeypatch.setenv(lease.BEAT_ENV, "0.5")
+    ttl = 10.0
     race = (
         "import os, sys, time; from bench import lease\n"
         "while time.time() < float(sys.argv[2]): pass\n"
@@ -149,7 +154,7 @@ def test_racing_takers_of_a_stale_lease_one_wins(tmp_path: Path, fast_lease) -> 
         run_dir, done = tmp_path / f"stale-{stale}", tmp_path / f"done-{stale}"
         run_dir.mkdir()
         if stale:
-            _foreign(run_dir, age_s=fast_lease + 5)
+            _foreign(run_dir, age_s=ttl + 5)
         start = str(time.time() + 1.0)
         procs = [
             subprocess.Popen([sys.executable, "-c", race, str(run_dir), start, str(done)], stdout=subprocess.PIPE)
@@ -191,9 +196,11 @@ def test_sigkilled_holder_on_another_node_is_taken_over_after_its_heartbeat_expi
     results = tmp_path / "results"
     rdir = store.run_dir(results, cell.grid, cell.run_id)
     owner = (
-        "import sys; from pathlib import Path; from bench.executors.worker import register_extra_tasks, run_one\n"
+        "import sys; from pathlib import Path; from bench.executors.worker import run_one\n"
         "from bench.grid import Cell; from bench.loop import RunContext; import json\n"
-        "register_extra_tasks(); cell = Cell.from_dict(json.loads(sys.argv[1]))\n"
+        "from experiments.registry import register_task\n"
+        "from tests.synthetic_task import Synthetic; register_task(Synthetic)\n"
+        "cell = Cell.from_dict(json.loads(sys.argv[1]))\n"
         "run_one(cell, Path(sys.argv[2]), RunContext(threads=1), [])\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", owner, json.dumps(cell.to_dict()), str(results)], env=_env())

@@ -28,7 +28,8 @@ from bench.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = (
-    "import sys; from bench.executors.worker import register_extra_tasks; register_extra_tasks()\n"
+    "import sys; from experiments.registry import register_task\n"
+    "from tests.synthetic_task import Synthetic; register_task(Synthetic)\n"
     "from bench.cli import main; sys.exit(main(sys.argv[1:]))\n"
 )
 #: runs of ~1.5-3 s on an idle core, a checkpoint every 200 steps (a few ms)
@@ -54,7 +55,6 @@ def _launch(spec: Path, results: Path, log: Path, *flags: str, session: bool = F
     """``bench run SPEC`` in a fresh Python (stdout and stderr to ``log``)."""
     env = os.environ | {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TRICKBENCH_EXTRA_TASKS": "synthetic=tests.synthetic_task",
         "TRICKBENCH_ORPHAN_GRACE_S": "5",
     }
     args = ["run", str(spec), "--results", str(results), "--no-progress", "--no-report", *flags]

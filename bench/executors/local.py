@@ -52,8 +52,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench import lease
-from bench.executors.worker import register_extra_tasks, run_one
+from bench.executors.worker import run_one
 from bench.grid import Cell
+from bench.plugins import replay_registrations
+from tricks.plugins import registrations
 
 __all__ = [
     "ORPHAN_GRACE_ENV",
@@ -170,7 +172,6 @@ def _watch_parent(lifeline: Connection, parent_pid: int) -> None:
 
 def _warm_up(threads: int, task_names: Sequence[str], device: str | None) -> None:
     """Pay once per worker what the first run would pay: imports, task modules, the optimizers' lazy imports."""
-    register_extra_tasks()  # a spawned process: tasks named in $TRICKBENCH_EXTRA_TASKS (tests)
     import torch
 
     import bench.loop  # noqa: F401  (torch, tricks, seeds, store)
@@ -198,6 +199,7 @@ def _worker_main(
     device: str | None,
     task_names: list[str],
     catch_usr2: bool,
+    plugin_records: list[tuple[str, str, str | None]],
 ) -> None:
     """A pool worker: warm up, then train the runs the launching process sends until told to stop."""
     global _DEVICE
@@ -210,6 +212,7 @@ def _worker_main(
     threading.Thread(target=_watch_parent, args=(lifeline, parent_pid), name="watch-parent", daemon=True).start()
     _DEVICE = device
     try:
+        replay_registrations(plugin_records)  # tricks/tasks the launcher registered by code (register_*)
         _warm_up(threads, task_names, device)
         conn.send(("ready", os.getpid()))
         while not _stopped():
@@ -441,7 +444,7 @@ def run_pool(
 
     def spawn(index: int) -> _Worker:
         pinned = worker_device(index, gpu_count) if gpu_count else None
-        return _Worker(ctx, index, pinned, (threads, task_names, job_id is not None))
+        return _Worker(ctx, index, pinned, (threads, task_names, job_id is not None, registrations()))
 
     def work_args(cell: Cell) -> tuple[Any, ...]:
         tricks = grid_tricks.get(cell.task, list(cell.tricks_on))

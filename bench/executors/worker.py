@@ -22,10 +22,6 @@ from bench import lease, store
 from bench.grid import Cell
 from bench.loop import RunContext, train_cell, write_config
 
-#: ``name=module[,name=module]``: extra task modules a worker process registers before training (SLURM tasks and
-#: pool processes are fresh Pythons, so tasks registered at runtime in the launching process — e.g. the tests'
-#: synthetic task — must be named here; the launching process registers them itself)
-EXTRA_TASKS_ENV = "TRICKBENCH_EXTRA_TASKS"
 STATE = "state.json"  # who holds a run and when it was last seen; read by `bench status`
 HEARTBEAT_S = 15.0  # a training run refreshes state.json at most this often
 STALE_S = 120.0  # a "running" state.json not refreshed for this long is a dead worker (bench status)
@@ -87,29 +83,6 @@ class RunState:
     def beat(self, steps_done: int, total_steps: int, loss: float) -> None:
         if time.time() - self._last_write >= HEARTBEAT_S:
             self.set("running", step=steps_done, total_steps=total_steps)
-
-
-def register_extra_tasks(env: dict[str, str] | None = None) -> list[str]:
-    """Register the task modules named in ``$TRICKBENCH_EXTRA_TASKS`` (``name=module[,...]``); return the names.
-
-    For tasks that are not in the shipped registry (the tests' synthetic task): a SLURM task or a pool process is
-    a fresh Python, so a registration made at runtime in the launching process does not reach it.
-    """
-    spec = (os.environ if env is None else env).get(EXTRA_TASKS_ENV, "").strip()
-    if not spec:
-        return []
-    from importlib import import_module
-
-    from experiments.registry import register_task
-
-    names = []
-    for item in spec.split(","):
-        name, sep, module = item.strip().partition("=")
-        if not sep or not name.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
-            raise ValueError(f"{EXTRA_TASKS_ENV}: {item!r} is not allowed; allowed: name=package.module[,...]")
-        register_task(import_module(module).TASK)
-        names.append(name)
-    return names
 
 
 def run_one(
