@@ -23,6 +23,7 @@ added while any term is open); use one_at_a_time or leave_one_out.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,11 @@ class AdaptiveGrid:
             for arm in fam.arms:
                 diffs, rounds = [], []
                 for i, seed in enumerate(self.spec.seeds[: counts[arm]]):
-                    on, off = values.get((arm, seed)), values.get((fam.reference, seed))
-                    if spec_pair(on, off, fam.reference == "all"):
-                        d = (on - off) if fam.reference != "all" else (off - on)
-                        diffs.append(d)
+                    arm_value, ref_value = values.get((arm, seed)), values.get((fam.reference, seed))
+                    if _usable(arm_value) and _usable(ref_value):
+                        # the trick on − off: +t − baseline (one_at_a_time), all − (all − t) (leave_one_out)
+                        on_minus_off = arm_value - ref_value if fam.reference != "all" else ref_value - arm_value
+                        diffs.append(on_minus_off)
                         rounds.append(self._round_of(label, arm, i))
                 out[label][arm] = decide(diffs, fam.plan, higher_is_better=fam.higher_is_better, rounds=rounds, arm=arm)
         return out
@@ -213,9 +215,8 @@ class AdaptiveGrid:
         store.atomic_write_json(self.path, doc)
 
 
-def spec_pair(on: float | None, off: float | None, _reference_is_all: bool) -> bool:
-    """Whether two metric values form a usable pair (both present and finite)."""
-    return on is not None and off is not None and math.isfinite(on) and math.isfinite(off)
+def _usable(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def render_decisions(grid: AdaptiveGrid, decisions: dict[str, dict[str, ArmDecision]]) -> str:
@@ -254,3 +255,70 @@ def state_summary(gdir: Path) -> dict[str, Any] | None:
         return dict(store.read_json(path))
     except (OSError, ValueError):
         return None
+
+
+def options_of(args: Any) -> AdaptiveOptions:
+    """The adaptive plan's options from ``bench run``'s flags (ValueError naming the flag)."""
+    for flag, value, low in (("--first-seeds", args.first_seeds, 2), ("--round-seeds", args.round_seeds, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{flag}: {value!r} is not allowed; allowed: an integer ≥ {low}")
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin > 0):
+        raise ValueError(f"--margin: {args.margin!r} is not allowed; allowed: a positive number (metric units)")
+    if not 0 <= args.futility < 1:
+        raise ValueError(f"--futility: {args.futility!r} is not allowed; allowed: 0 ≤ futility < 1 (0: never)")
+    return AdaptiveOptions(args.first_seeds, args.round_seeds, args.margin, args.futility)
+
+
+def check_launch(launch: Any, args: Any) -> AdaptiveGrid:
+    """Validate an adaptive launch before anything is written; return its (not yet stored) state."""
+    if not launch.selection.empty:
+        raise ValueError("--until-decisive: not allowed with --tasks/--tricks/--seeds (the rounds choose the seeds)")
+    return AdaptiveGrid(launch.spec, launch.grid_dir, options_of(args))
+
+
+def run_adaptive(launch: Any, args: Any, slurm: Any, version: str, cluster: Any) -> int:
+    """Train ``launch``'s grid in rounds until every arm is decisive or at its cap; exit status as ``bench run``."""
+    from dataclasses import replace
+
+    from bench import commands
+
+    grid = check_launch(launch, args)
+    print(describe_plan(grid))
+    commands.write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
+    launch = commands.set_aside_damaged(launch, args) if slurm is None else launch
+    round_no = 0
+    while True:
+        todo = [c for c in grid.assigned_cells() if launch_status(c, args.results) not in store.RunStatus.FINISHED]
+        if todo:
+            round_no += 1
+            print(f"round {round_no}: training {len(todo)} runs", flush=True)
+            if slurm is not None:
+                code = commands._run_slurm(
+                    replace(launch, todo=todo), args, replace(slurm, wait=True), version, cluster
+                )
+                if code:
+                    return code
+            else:
+                commands.train_locally(todo, launch, args, version)
+            unfinished = [c for c in todo if launch_status(c, args.results) not in store.RunStatus.FINISHED]
+            if unfinished:
+                store.write_summary(launch.grid_dir)
+                print(
+                    f"error: round {round_no}: {len(unfinished)} runs did not finish (see bench status "
+                    f"{launch.grid_dir}); re-launch the same command to retry them and go on",
+                    file=sys.stderr,
+                )
+                return 1
+        decisions = grid.decisions()
+        more = grid.advance(decisions)  # the next round's seeds are stored before they train
+        grid.record(decisions)
+        if not more:
+            break
+    store.write_summary(launch.grid_dir)
+    print(render_decisions(grid, decisions))
+    commands._write_report(launch.grid_dir, args)
+    return 0
+
+
+def launch_status(cell: Cell, results: Path) -> str:
+    return store.run_status(store.run_dir(results, cell.grid, cell.run_id))

@@ -111,6 +111,32 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="train again the runs whose code changed since they trained (their tricks', task's or the loop's "
         "source: see config.json's fingerprint); without it they are kept, not resumed, and marked stale",
     )
+    g = p.add_argument_group(
+        "adaptive seeds (--until-decisive)",
+        "Train in rounds: the first seeds of every arm, then more seeds only for the arms whose verdict is still "
+        "open, until each is decisive (helps / hurts / equivalent within --margin) or has the spec's seeds (the "
+        "cap). Error control stays valid under this stopping (group-sequential repeated intervals, family-wise "
+        "alpha 0.05 per task). The plan is stored in <grid>/adaptive.json: re-launch with the same options.",
+    )
+    g.add_argument("--until-decisive", action="store_true", help="run the grid in rounds until every arm is decisive")
+    g.add_argument("--first-seeds", type=int, default=3, metavar="N", help="seeds of every arm in round 1 (default 3)")
+    g.add_argument(
+        "--round-seeds", type=int, default=3, metavar="N", help="seeds added per open arm per round (default 3)"
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        metavar="X",
+        help="equivalence margin in the task's metric units: an arm whose interval lies within ±X stops as equivalent",
+    )
+    g.add_argument(
+        "--futility",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="stop an arm whose chance to reach a verdict by the cap is below P (non-binding; default 0: never)",
+    )
     p.add_argument(
         "--max-runs",
         type=int,
