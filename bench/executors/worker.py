@@ -16,11 +16,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import lease, store
 from bench.grid import Cell
-from bench.loop import RunContext, train_cell, write_config
+
+if TYPE_CHECKING:  # the loop imports torch: only the functions that train import it (bench status reads state here)
+    from bench.loop import RunContext
 
 STATE = "state.json"  # who holds a run and when it was last seen; read by `bench status`
 HEARTBEAT_S = 15.0  # a training run refreshes state.json at most this often
@@ -137,6 +139,8 @@ def _train_leased(
 ) -> dict[str, Any]:
     """:func:`run_one` once the lease is held: config, state.json, train, record."""
     if not (out / store.CONFIG).exists():
+        from bench.loop import write_config
+
         write_config(cell, out, ctx.code_version, grid_tricks)
     tracker = None
     if ctx.tracker is None and wandb_cfg and wandb_cfg.get("enabled"):
@@ -157,6 +161,8 @@ def _train_leased(
 
     def stop() -> bool:  # polled at every step boundary
         return held.lost or (user_stop is not None and user_stop())
+
+    from bench.loop import train_cell
 
     result = train_cell(cell, out, replace(ctx, on_progress=progress, stop=stop))
     if held.lost:  # judged dead and taken over (this process was frozen past the TTL): the new holder records
