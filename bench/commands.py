@@ -220,29 +220,36 @@ def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptio
 
 
 def cmd_list(what: str) -> int:
-    from experiments.registry import available_tasks
-    from tricks.registry import REGISTRY
+    from experiments.registry import BUILTIN_TASKS, available_tasks
+    from experiments.registry import origin as task_origin
+    from tricks.registry import BUILTIN_MODULES, REGISTRY
+    from tricks.registry import origin as trick_origin
 
     tasks = available_tasks()
+    builtin_tricks = {f"tricks.{m}" for m in BUILTIN_MODULES}
     if what in ("all", "tricks"):
         print("TRICKS")
         for name, card in REGISTRY.items():
-            applies = ", ".join(t for t, cls in tasks.items() if name in cls.tricks) or "(no task yet)"
+            applies = ", ".join(t for t, cls in tasks.items() if cls.accepts(card)) or "(no task yet)"
             print(f"  {name:<24} {card.summary}")
             params = ", ".join(f"{p.name}={p.default!r}{(' ' + p.unit) if p.unit else ''}" for p in card.params)
-            print(f"  {'':<24} params: {params or '(none)'}")
+            print(f"  {'':<24} role: {card.role}; params: {params or '(none)'}")
             print(f"  {'':<24} applies to: {applies}")
+            if trick_origin(name) not in builtin_tricks:
+                print(f"  {'':<24} from: {trick_origin(name)}")
     if what in ("all", "tasks"):
         print("\nTASKS")
         for name, cls in tasks.items():
             print(f"  {name:<20} {cls.summary}")
             print(f"  {'':<20} metric: {cls.metric} ({'higher' if cls.higher_is_better else 'lower'} is better)")
+            if name not in BUILTIN_TASKS:
+                print(f"  {'':<20} from: {task_origin(name)}")
     if what in ("all", "matrix"):
         print("\nAPPLICABILITY (task × trick; x = applies)")
         names = list(tasks)
         print(f"  {'':<24}" + "".join(f"{n[:18]:>20}" for n in names))
-        for trick in REGISTRY:
-            print(f"  {trick:<24}" + "".join(f"{'x' if trick in tasks[n].tricks else '.':>20}" for n in names))
+        for trick, card in REGISTRY.items():
+            print(f"  {trick:<24}" + "".join(f"{'x' if tasks[n].accepts(card) else '.':>20}" for n in names))
     return 0
 
 
