@@ -104,7 +104,6 @@ class MLPRegression(Task):
         "budget_samples": 16384,
         "batch_size": 32,
         "lr": 3e-3,
-        "weight_decay": 0.0,
         "eval_every_samples": 1024,
         "checkpoint_every_samples": 4096,
     }
