@@ -386,7 +386,11 @@ def plugin_error_message(exc: BaseException) -> str:
     if cause is not None and cause.__traceback__ is not None:
         frame = traceback.extract_tb(cause.__traceback__)[-1]
         text += f"\n  raised at {frame.filename}:{frame.lineno}" + (f": {frame.line}" if frame.line else "")
-    return text + "\n  (fix or uninstall that distribution: `pip uninstall <distribution>`)"
+    import re
+
+    dist = re.search(r"of distribution '([^']+)'", text)
+    name = dist.group(1) if dist else "<distribution>"
+    return text + f"\n  (fix that plugin, or uninstall it: `pip uninstall {name}`)"
 
 
 def _main(argv: list[str]) -> int:

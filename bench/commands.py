@@ -226,6 +226,7 @@ def cmd_list(what: str) -> int:
     from tricks.registry import origin as trick_origin
 
     tasks = available_tasks()
+    len(REGISTRY)  # load every plugin before printing anything (a broken one is an error, not half a table)
     builtin_tricks = {f"tricks.{m}" for m in BUILTIN_MODULES}
     if what in ("all", "tricks"):
         print("TRICKS")

@@ -63,11 +63,16 @@ class RunState:
 
 
 def register_extra_tasks(env: dict[str, str] | None = None) -> list[str]:
-    """Register the task modules named in ``$TRICKBENCH_EXTRA_TASKS`` (``name=module[,...]``); return the names.
+    """In a worker process: repeat the launching process's ``register_task``/``register_trick`` calls (exported
+    automatically, :mod:`bench.plugins`), then register the task modules named in ``$TRICKBENCH_EXTRA_TASKS``
+    (``name=module[,...]``, older tests); return the latter's names.
 
-    For tasks that are not in the shipped registry (the tests' synthetic task): a SLURM task or a pool process is
-    a fresh Python, so a registration made at runtime in the launching process does not reach it.
+    A SLURM task or a pool process is a fresh Python, so a registration made at runtime in the launching process
+    does not reach it by itself (entry-point plugins need nothing: every process sees them).
     """
+    from bench.plugins import replay_registrations
+
+    replay_registrations(env)  # register_task/register_trick calls of the launching process (bench/plugins.py)
     spec = (os.environ if env is None else env).get(EXTRA_TASKS_ENV, "").strip()
     if not spec:
         return []
