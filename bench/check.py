@@ -302,8 +302,14 @@ def _private_cache(folder: Path) -> Iterator[None]:
 
 def _train(cells: list[Cell], results_root: Path, grid_tricks: dict[str, list[str]], jobs: int, progress: bool) -> None:
     from bench.executors.local import run_debug, run_local
-    from bench.runner import code_version
+    from bench.runner import code_version, stale_runs
 
+    # the check always judges today's code: runs a reused results folder holds from other code train again
+    status = {c.run_id: store.run_status(store.run_dir(results_root, c.grid, c.run_id)) for c in cells}
+    by_id = {c.run_id: c for c in cells}
+    for run_id, parts in stale_runs(cells, results_root, status).items():
+        rdir = store.run_dir(results_root, by_id[run_id].grid, run_id)
+        store.quarantine_run(rdir, f"trained by other code ({'; '.join(parts)} changed)", folder=store.STALE)
     todo = [c for c in cells if store.run_status(store.run_dir(results_root, c.grid, c.run_id)) not in _FINISHED]
     if not todo:
         return

@@ -142,6 +142,46 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device for training, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the runs; train and write nothing")
+    p.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="train again the runs whose code changed since they trained (their tricks', task's or the loop's "
+        "source: see config.json's fingerprint); without it they are kept, not resumed, and marked stale",
+    )
+    g = p.add_argument_group(
+        "adaptive seeds (--until-decisive)",
+        "Train in rounds: the first seeds of every arm, then more seeds only for the arms whose verdict is still "
+        "open, until each is decisive (helps / hurts / equivalent within --margin) or has the spec's seeds (the "
+        "cap). Error control stays valid under this stopping (group-sequential repeated intervals, family-wise "
+        "alpha 0.05 per task). The plan is stored in <grid>/adaptive.json: re-launch with the same options.",
+    )
+    g.add_argument("--until-decisive", action="store_true", help="run the grid in rounds until every arm is decisive")
+    g.add_argument("--first-seeds", type=int, default=3, metavar="N", help="seeds of every arm in round 1 (default 3)")
+    g.add_argument(
+        "--round-seeds", type=int, default=3, metavar="N", help="seeds added per open arm per round (default 3)"
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        metavar="X",
+        help="equivalence margin in the task's metric units: an arm whose interval lies within ±X stops as equivalent",
+    )
+    g.add_argument(
+        "--futility",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="stop an arm whose chance to reach a verdict by the cap is below P (non-binding; default 0: never)",
+    )
+    p.add_argument(
+        "--max-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="allow a spec to plan up to N runs (default: 10000; at most 1000000) — a guard against a typo "
+        "that plans a million runs",
+    )
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument(
         "--wandb",
@@ -171,14 +211,28 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-partition", metavar="NAME", help="partition(s), comma-separated (default: the cluster's)")
     g.add_argument("--slurm-account", metavar="NAME", help="account to charge (sbatch --account)")
     g.add_argument("--slurm-qos", metavar="NAME", help="quality of service (sbatch --qos)")
-    g.add_argument("--slurm-gpus-per-run", type=int, metavar="N", help="GPUs per array task (default: 0)")
+    g.add_argument(
+        "--slurm-gpus-per-run",
+        metavar="[TYPE:]N",
+        help="GPUs per array task, of one type when given, e.g. 1 or a100:2 (sbatch --gpus-per-node; default: 0)",
+    )
+    g.add_argument(
+        "--slurm-gres",
+        metavar="SPEC",
+        help="generic resources per array task, e.g. gpu:a100:2 or gpu:1,nvme:1 (sbatch --gres)",
+    )
     g.add_argument(
         "--slurm-cpus-per-run",
         type=int,
         metavar="N",
         help="CPUs per run; an array task asks for N × the runs it trains at once (default: 1)",
     )
-    g.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per array task (default: the cluster's)")
+    g.add_argument(
+        "--slurm-mem-gb",
+        type=float,
+        metavar="GB",
+        help="memory per run; an array task asks for GB × the runs it trains at once (default: the cluster's)",
+    )
     g.add_argument(
         "--slurm-time-min", type=int, metavar="MIN", help="time limit of one array task, all its runs (default: 60)"
     )
@@ -188,6 +242,12 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="any further sbatch option, e.g. mail-type=END (repeatable)",
+    )
+    g.add_argument(
+        "--slurm-setup",
+        action="append",
+        metavar="LINE",
+        help="a shell line the job runs before the worker, e.g. 'module load cuda/12.1' (repeatable, in order)",
     )
     g.add_argument(
         "--runs-per-task",
@@ -213,7 +273,14 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--slurm-wait",
         action="store_true",
-        help="wait until the jobs have left the queue, then write summary and report (default: submit and return)",
+        help="wait until the jobs have left the queue, then write summary and report; exit 1 with the reason "
+        "when runs are left unfinished (default: submit and return)",
+    )
+    g.add_argument(
+        "--retry-incomplete",
+        action="store_true",
+        help="also submit runs recorded incomplete (time-limit requeues used up): they train on from their "
+        "checkpoints with a fresh --slurm-max-requeues (their incomplete result is kept in state.json)",
     )
 
 
@@ -313,14 +380,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run(sub)
-    p = sub.add_parser("list", help="the tricks (with their cards) and tasks, and which tricks apply to which task")
-    p.add_argument("what", nargs="?", choices=("all", "tricks", "tasks", "matrix"), default="all")
+    p = sub.add_parser(
+        "list",
+        help="the tricks and tasks, which tricks apply to which task; `bench list ema` for one trick's full card",
+        description="Without an argument: every trick (role, summary, tasks it applies to), every task and the "
+        "applicability matrix. With a section (tricks, tasks, matrix): only that. With a trick's name: its whole "
+        "card — parameters with units and ranges, the defaults a run of each task uses, cost, expected effect, "
+        "references, incompatibilities. With a task's name: its metric, parameters, train defaults and the "
+        "defaults of every trick that applies to it.",
+    )
+    p.add_argument(
+        "what", nargs="?", default="all", metavar="WHAT", help="all | tricks | tasks | matrix | TRICK | TASK"
+    )
     p = sub.add_parser(
         "status",
         help="counts and a per-run table of a grid: completed / running / pending / requeued / partial / "
         "diverged / failed / incomplete",
     )
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
+    p.add_argument("--failed", action="store_true", help="then print the end of each failed run's log")
     p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
     p = sub.add_parser(
@@ -411,7 +489,7 @@ def _main(argv: list[str]) -> int:
         if args.command == "status":
             from bench.commands import cmd_status
 
-            return cmd_status(args.grid)
+            return cmd_status(args.grid, failed=args.failed)
         if args.command in ("check", "perf"):
             from importlib import import_module
 

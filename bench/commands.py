@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import store
-from bench.runner import LaunchPlan, code_version, grid_cells, plan, write_grid_spec
+from bench.runner import LaunchPlan, code_version, grid_cells, plan, plan_for, write_grid_spec
 from bench.selection import Selection, parse_names, parse_seeds
+from bench.status import STATUS_ORDER, _alive, cmd_status, run_view  # noqa: F401  (`bench status` lives there)
 
 if TYPE_CHECKING:
     from bench.executors.slurm import SlurmOptions
+    from bench.executors.slurm_cluster import Cluster
 
 
 SLURM_FLAGS = (
@@ -22,11 +23,13 @@ SLURM_FLAGS = (
     "account",
     "qos",
     "gpus_per_run",
+    "gres",
     "cpus_per_run",
     "mem_gb",
     "time_min",
     "constraint",
     "sbatch",
+    "setup",
     "runs_per_task",
     "array_parallelism",
     "max_requeues",
@@ -38,10 +41,11 @@ SLURM_FLAGS = (
 def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
     """The validated ``--slurm-*`` options of ``bench run`` (None unless ``--executor slurm``); ValueError naming
     the flag when one is invalid, or given with another executor."""
-    from bench.executors.slurm import SlurmOptions, cli_flag
+    from bench.executors.slurm import SlurmOptions, cli_flag, parse_gpus
 
     given = {name: getattr(args, f"slurm_{name}", None) for name in SLURM_FLAGS}
     given["runs_per_task"] = getattr(args, "runs_per_task", None)
+    given["retry_incomplete"] = getattr(args, "retry_incomplete", None)
     given = {k: v for k, v in given.items() if v is not None and v is not False}  # flags not given
     if args.executor != "slurm":
         if given:
@@ -50,12 +54,31 @@ def slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
         return None
     if "sbatch" in given:
         given["sbatch"] = SlurmOptions.parse_sbatch(given["sbatch"])
+    if "setup" in given:
+        given["setup"] = tuple(given["setup"])
+    if "gpus_per_run" in given:
+        gpu_type, given["gpus_per_run"] = parse_gpus(given["gpus_per_run"])
+        if gpu_type is not None:
+            given["gpu_type"] = gpu_type
     runs_per_gpu = getattr(args, "runs_per_gpu", None)
     if runs_per_gpu is not None:
         given["runs_per_gpu"] = runs_per_gpu
         if "runs_per_task" not in given and isinstance(runs_per_gpu, int) and runs_per_gpu > 0:
-            given["runs_per_task"] = runs_per_gpu * given.get("gpus_per_run", 0) or 1  # fill every GPU slot once
+            gpus = given.get("gpus_per_run", 0) or SlurmOptions(gres=given.get("gres")).gpus
+            given["runs_per_task"] = runs_per_gpu * gpus or 1  # fill every GPU slot once
     return SlurmOptions(**given)
+
+
+def _max_runs(args: argparse.Namespace) -> int:
+    """``--max-runs`` (the cap on runs a spec may plan), validated; the default cap when not given."""
+    from bench.specfile import DEFAULT_MAX_RUNS, MAX_RUNS_CEILING
+
+    n = getattr(args, "max_runs", None)
+    if n is None:
+        return DEFAULT_MAX_RUNS
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_RUNS_CEILING:
+        raise ValueError(f"--max-runs: {n!r} is not allowed; allowed: an integer 1..{MAX_RUNS_CEILING}")
+    return n
 
 
 def run_inputs(args: argparse.Namespace) -> tuple[str, list[str], Selection]:
@@ -79,9 +102,18 @@ def run_inputs(args: argparse.Namespace) -> tuple[str, list[str], Selection]:
     return spec, overrides, selection
 
 
+def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
+    """The runs a SLURM launch submits: those not finished, and with ``--retry-incomplete`` the incomplete ones."""
+    if not options.retry_incomplete:
+        return list(launch.todo)
+    todo = {c.run_id for c in launch.todo}
+    return [c for c in launch.cells if c.run_id in todo or launch.status[c.run_id] == store.RunStatus.INCOMPLETE]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec_path, overrides, selection = run_inputs(args)
-    launch = plan(spec_path, args.results, overrides, selection)  # SpecError / ValueError here: nothing written
+    # SpecError / ValueError here: nothing written
+    launch = plan(spec_path, args.results, overrides, selection, max_runs=_max_runs(args), rerun_stale=args.rerun_stale)
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs: {args.jobs} is not allowed; allowed: an integer ≥ 1")
     if args.threads is not None and args.threads < 1:
@@ -94,54 +126,88 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--device cuda (it packs that many runs onto each GPU of an array task)"
         )
     slurm = slurm_options(args)  # ValueError naming the flag: nothing written
-    if slurm is not None and not args.dry_run:
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device: {args.device!r} is not allowed here; CUDA is not available on this machine "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); allowed: cpu"
+            )
+    if args.until_decisive:
+        from bench.adaptive import check_launch
+
+        check_launch(launch, args)  # ValueError naming the flag: nothing written
+    cluster = None
+    if slurm is not None:  # --dry-run too: commands on PATH, controller up, the request fits the cluster
         from bench.executors.slurm import check_cluster
 
-        check_cluster(slurm, args.device)  # commands on PATH, controller up, partition/GPUs/time limit fit
+        cluster = check_cluster(slurm, args.device, -(-len(_slurm_todo(launch, slurm)) // slurm.runs_per_task))
     print(launch.describe())
     if args.dry_run:
         for c in launch.cells:
             print(f"  {c.run_id}  {launch.status[c.run_id]:<10} {c.task:<20} {c.arm:<32} seed {c.seed}")
-        if slurm is not None and launch.todo:
-            tasks = -(-len(launch.todo) // slurm.runs_per_task)
-            print(f"would submit {len(launch.todo)} runs as {tasks} array tasks ({slurm.runs_per_task} per task)")
+        if slurm is not None and cluster is not None:
+            _dry_run_slurm(launch, slurm, cluster)
         return 0
-    write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
     version = code_version()
-    if slurm is not None:
-        return _run_slurm(launch, args, slurm, version)
-    from bench.executors.local import default_jobs, run_debug, run_local
+    if launch.rerun_stale and launch.stale:  # asked for explicitly: the stale folders go aside before any executor
+        for run_id, parts in launch.stale.items():
+            rdir = store.run_dir(args.results, launch.spec.grid, run_id)
+            store.quarantine_run(rdir, f"trained by other code ({'; '.join(parts)} changed)", folder=store.STALE)
+        launch = plan_for(launch.spec, args.results, launch.overrides, launch.selection)
+    if args.until_decisive:
+        from bench.adaptive import run_adaptive
 
-    wandb_cfg = _wandb_cfg(launch, args)
-    if args.executor == "debug":
-        counts = run_debug(
-            launch.todo,
-            args.results,
-            device=args.device,
-            threads=args.threads,
-            code_version=version,
-            grid_tricks=launch.grid_tricks,
-            show_progress=not args.no_progress,
-            wandb_cfg=wandb_cfg,
-        )
-    else:
-        counts = run_local(
-            launch.todo,
-            args.results,
-            args.jobs or default_jobs(),
-            device=args.device,
-            threads=args.threads,
-            code_version=version,
-            grid_tricks=launch.grid_tricks,
-            show_progress=not args.no_progress,
-            runs_per_gpu=args.runs_per_gpu,
-            wandb_cfg=wandb_cfg,
-        )
+        return run_adaptive(launch, args, slurm, version, cluster)
+    if slurm is not None:  # damaged runs are moved aside by the array task that retrains them (worker.run_one)
+        return _run_slurm(launch, args, slurm, version, cluster)  # grid.yaml written once sbatch accepted
+    launch = set_aside_damaged(launch, args)
+    write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
+    counts = train_locally(launch.todo, launch, args, version)
     store.write_summary(launch.grid_dir)
     if counts:
         print("trained: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     _write_report(launch.grid_dir, args)
     return 1 if counts.get(store.RunStatus.FAILED) else 0
+
+
+def set_aside_damaged(launch: LaunchPlan, args: argparse.Namespace) -> LaunchPlan:
+    """Move the launch's damaged runs aside (said so) and return the plan that trains them again."""
+    moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
+    for run_id, reason, target in moved:
+        print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
+    return plan_for(launch.spec, args.results, launch.overrides, launch.selection) if moved else launch
+
+
+def train_locally(cells: list, launch: LaunchPlan, args: argparse.Namespace, version: str) -> dict[str, int]:
+    """Train ``cells`` with the local or debug executor of ``args``; counts by final status."""
+    from bench.executors.local import default_jobs, run_debug, run_local
+
+    wandb_cfg = _wandb_cfg(launch, args)
+    if args.executor == "debug":
+        return run_debug(
+            cells,
+            args.results,
+            device=args.device,
+            threads=args.threads,
+            code_version=version,
+            grid_tricks=launch.grid_tricks,
+            show_progress=not args.no_progress,
+            wandb_cfg=wandb_cfg,
+        )
+    return run_local(
+        cells,
+        args.results,
+        args.jobs or default_jobs(),
+        device=args.device,
+        threads=args.threads,
+        code_version=version,
+        grid_tricks=launch.grid_tricks,
+        show_progress=not args.no_progress,
+        runs_per_gpu=args.runs_per_gpu,
+        wandb_cfg=wandb_cfg,
+    )
 
 
 def _wandb_cfg(launch: LaunchPlan, args: argparse.Namespace) -> dict:
@@ -165,9 +231,28 @@ def _write_report(grid_dir: Path, args: argparse.Namespace) -> None:
         print(f"report: {path}")
 
 
-def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptions, version: str) -> int:
-    """Submit the runs still to train as a job array; with ``--slurm-wait`` follow them to the end."""
+def _dry_run_slurm(launch: LaunchPlan, options: SlurmOptions, cluster: Cluster) -> None:
+    """What a SLURM launch would submit, and sbatch's own verdict (``sbatch --test-only``; nothing submitted)."""
+    from bench.executors.slurm import test_only
+    from bench.executors.slurm_cluster import array_sizes
+
+    todo = _slurm_todo(launch, options)
+    if not todo:
+        return
+    tasks = -(-len(todo) // options.runs_per_task)
+    sizes = array_sizes(tasks, cluster.max_array_size)
+    arrays = f" in {len(sizes)} arrays (MaxArraySize {cluster.max_array_size})" if len(sizes) > 1 else ""
+    print(f"would submit {len(todo)} runs as {tasks} array tasks ({options.runs_per_task} per task){arrays}")
+    print(f"sbatch --test-only: {test_only(options, launch.grid_dir, launch.spec.grid, sizes[0])}")
+
+
+def _run_slurm(
+    launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptions, version: str, cluster: Cluster | None = None
+) -> int:
+    """Submit the runs still to train as job arrays; with ``--slurm-wait`` follow them to the end."""
     from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
+    from bench.status import grid_verdict
+    from tricks.plugins import registrations
 
     wandb_cfg = _wandb_cfg(launch, args)
     settings = WorkerSettings(
@@ -179,16 +264,39 @@ def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptio
         max_requeues=options.max_requeues,
         signal_delay_s=options.signal_delay_s,
         runs_per_gpu=options.runs_per_gpu,
+        registrations=registrations(),
     )
-    sub = submit_grid(launch.todo, launch.grid_dir, args.results, options, settings, launch.spec.grid)
+
+    def waiting_for_lock(owner: dict) -> None:
+        print(
+            f"waiting: another launch ({owner.get('host', '?')}, pid {owner.get('pid', '?')}) is submitting this grid",
+            flush=True,
+        )
+
+    sub = submit_grid(
+        _slurm_todo(launch, options),
+        launch.grid_dir,
+        args.results,
+        options,
+        settings,
+        launch.spec.grid,
+        cluster=cluster,
+        on_accepted=lambda: write_grid_spec(launch.spec, launch.grid_dir, launch.overrides),
+        on_wait=waiting_for_lock,
+    )
+    for message in sub.messages:
+        print(message)
+    if sub.reopened:
+        print(f"reopened {len(sub.reopened)} incomplete runs (a fresh --slurm-max-requeues {options.max_requeues})")
     if sub.already_queued:
         print(f"{len(sub.already_queued)} runs are still queued from an earlier launch; not submitted again")
     if sub.job_ids:
         tasks = len(sub.job_ids)
         packing = f", {options.concurrent_runs} at a time" if options.runs_per_gpu else ""
+        arrays = sub.array_ids
         print(
             f"submitted {len(sub.runs)} runs as {tasks} array task{'s' * (tasks > 1)} "
-            f"({options.runs_per_task} per task{packing}): job {', '.join(sub.array_ids)}"
+            f"({options.runs_per_task} per task{packing}): job{'s' * (len(arrays) > 1)} {', '.join(arrays)}"
         )
         print(f"logs: {sub.folder}/<job id>/   follow: bench status {launch.grid_dir}")
     else:
@@ -207,132 +315,39 @@ def _run_slurm(launch: LaunchPlan, args: argparse.Namespace, options: SlurmOptio
             print("waiting: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())), flush=True)
 
     wait_for_jobs(waiting, poll_s=2.0, on_poll=report_progress)
-    df = store.write_summary(launch.grid_dir)
-    statuses = df["status"].value_counts().to_dict() if len(df) else {}
-    print("grid: " + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())))
-    _write_report(launch.grid_dir, args)
-    unfinished = [
-        c
-        for c in launch.cells
-        if store.run_status(store.run_dir(args.results, c.grid, c.run_id)) not in store.RunStatus.FINISHED
-    ]
-    return 1 if unfinished else 0
-
-
-def cmd_list(what: str) -> int:
-    from experiments.registry import BUILTIN_TASKS, available_tasks
-    from experiments.registry import origin as task_origin
-    from tricks.registry import BUILTIN_MODULES, REGISTRY
-    from tricks.registry import origin as trick_origin
-
-    tasks = available_tasks()
-    len(REGISTRY)  # load every plugin before printing anything (a broken one is an error, not half a table)
-    builtin_tricks = {f"tricks.{m}" for m in BUILTIN_MODULES}
-    if what in ("all", "tricks"):
-        print("TRICKS")
-        for name, card in REGISTRY.items():
-            applies = ", ".join(t for t, cls in tasks.items() if cls.accepts(card)) or "(no task yet)"
-            print(f"  {name:<24} {card.summary}")
-            params = ", ".join(f"{p.name}={p.default!r}{(' ' + p.unit) if p.unit else ''}" for p in card.params)
-            print(f"  {'':<24} role: {card.role}; params: {params or '(none)'}")
-            print(f"  {'':<24} applies to: {applies}")
-            if trick_origin(name) not in builtin_tricks:
-                print(f"  {'':<24} from: {trick_origin(name)}")
-    if what in ("all", "tasks"):
-        print("\nTASKS")
-        for name, cls in tasks.items():
-            print(f"  {name:<20} {cls.summary}")
-            print(f"  {'':<20} metric: {cls.metric} ({'higher' if cls.higher_is_better else 'lower'} is better)")
-            if name not in BUILTIN_TASKS:
-                print(f"  {'':<20} from: {task_origin(name)}")
-    if what in ("all", "matrix"):
-        print("\nAPPLICABILITY (task × trick; x = applies)")
-        names = list(tasks)
-        print(f"  {'':<24}" + "".join(f"{n[:18]:>20}" for n in names))
-        for trick, card in REGISTRY.items():
-            print(f"  {trick:<24}" + "".join(f"{'x' if tasks[n].accepts(card) else '.':>20}" for n in names))
+    store.write_summary(launch.grid_dir)
+    counts, reason = grid_verdict(launch.grid_dir)
+    print("grid: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if counts.get(store.RunStatus.COMPLETED):
+        _write_report(launch.grid_dir, args)
+    if reason is not None:
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
-STATUS_ORDER = ("completed", "running", "pending", "requeued", "partial", "diverged", "failed", "incomplete")
+def cmd_list(what: str) -> int:
+    """``bench list [WHAT]``: see :mod:`bench.listing`. Exit 2 with a did-you-mean for an unknown name."""
+    from bench.listing import render
 
-
-def _alive(state: dict, queued: str | None) -> bool:
-    """Whether the worker named in a run's ``state.json`` is still at it (heartbeat, pid, or the queue says so)."""
-    from bench.executors.worker import STALE_S
-
-    if state.get("host") == socket.gethostname() and state.get("pid"):
-        try:
-            os.kill(int(state["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-    return queued == "RUNNING" or time.time() - float(state.get("updated", 0)) < STALE_S
-
-
-def run_view(rdir: Path, job: str | None, queue: dict[str, str] | None) -> tuple[str, str]:
-    """(status, detail) of one run for ``bench status``: the on-disk status refined by the worker's
-    ``state.json`` and, for SLURM grids, the queue (``running`` / ``requeued`` / ``pending``)."""
-    from bench.executors.worker import read_state
-
-    disk = store.run_status(rdir)
-    if disk == store.RunStatus.FAILED:
-        err = store.read_json(rdir / store.ERROR)
-        return disk, err["error"] + "".join("\n        " + line for line in err["traceback_tail"][-3:])
-    if disk == store.RunStatus.DIVERGED:
-        return disk, f"non-finite loss at step {store.read_json(rdir / store.RESULT)['diverged_step']}"
-    if disk == store.RunStatus.INCOMPLETE:
-        return disk, str(store.read_json(rdir / store.RESULT).get("reason", ""))
-    if disk in store.RunStatus.FINISHED:
-        return disk, ""
-    state = read_state(rdir)
-    job = job or state.get("job_id")
-    queued = queue.get(job) if queue is not None and job else None
-    where = f"job {job} " if job else ""
-    seen = f"{time.time() - float(state.get('updated', 0)):.0f} s ago" if state else ""
-    step = f"step {state.get('step')}/{state.get('total_steps')}, " if state.get("total_steps") else ""
-    if state.get("state") == "running" and _alive(state, queued):
-        return "running", f"{where}on {state.get('host')} (pid {state.get('pid')}), {step}seen {seen}"
-    if state.get("state") in ("requeued", "interrupted") and (queued or state.get("state") == "requeued"):
-        return "requeued", f"{where}{queued.lower() if queued else ''}: {state.get('reason') or 'interrupted'}"
-    if queued is not None:
-        return "pending", f"{where}{queued.lower()}"
-    if disk == store.RunStatus.PARTIAL:
-        last = f"; last worker {state.get('state')} on {state.get('host')} {seen}" if state else ""
-        return disk, f"checkpoint on disk (resumes on re-launch){last}"
-    return disk, ""
-
-
-def cmd_status(grid: Path) -> int:
-    spec, cells = grid_cells(grid)
-    results_root = Path(grid).parent
-    from bench.executors.slurm import job_name, job_records, queue_states
-
-    jobs = job_records(grid)
-    dirs = {c.run_id: store.run_dir(results_root, spec.grid, c.run_id) for c in cells}
-    unfinished = any(store.run_status(d) not in store.RunStatus.FINISHED for d in dirs.values())
-    queue = queue_states(job_name(spec.grid)) if jobs and unfinished else None  # ask SLURM only when it matters
-    counts: dict[str, int] = {}
-    rows = []
-    for c in cells:
-        st, detail = run_view(dirs[c.run_id], jobs.get(c.run_id), queue)
-        counts[st] = counts.get(st, 0) + 1
-        rows.append(f"  {c.run_id}  {st:<10} {c.task:<20} {c.arm:<32} seed {c.seed}  {detail}".rstrip())
-    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
-    print(f"grid {spec.grid}: {len(cells)} runs — " + ", ".join(f"{counts[s]} {s}" for s in order))
-    if jobs and unfinished and queue is None:
-        print("  (squeue does not answer: running/pending from the runs' state.json only)")
-    print("\n".join(rows))
+    try:
+        print(render(what))
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_report(grid: Path) -> int:
     from bench.report import write_report
+    from bench.stats import analyze_grid
 
     grid_cells(grid)  # a clear error when this is not a launched grid
     store.write_summary(grid)
-    print(f"report: {write_report(grid)}")
+    stats = analyze_grid(grid)
+    for run_id, why in stats.damaged.items():  # left out of the report; never a reason to stop it
+        print(f"damaged run left out: {run_id} {why}")
+    print(f"report: {write_report(grid, stats)}")
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import store
+from bench import checkpoints, store
 from bench.gradbuffer import FlatGrads
 from bench.grid import Cell
 from bench.memory import PeakMemory
@@ -242,7 +242,8 @@ class _Trainer:
             )
 
     def save_checkpoint(self) -> None:
-        """Atomically replace the run's checkpoint (the previous one stays valid until the rename)."""
+        """Write the run's latest checkpoint (``bench.checkpoints.save``): the previous one is kept as
+        ``checkpoint.prev.pt`` until the new one is complete, so a kill at any moment leaves a good one."""
         self.check_grads()
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -255,25 +256,53 @@ class _Trainer:
             "state": vars(self.state),
         }
         self.state.peak_mem_bytes = max(self.state.peak_mem_bytes, self.mem.read_peak())
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        store.atomic_write_bytes(self.ckpt_path, buf.getvalue())
+        checkpoints.save(self.out_dir, payload)
         self._write_curves()
 
     def maybe_resume(self) -> None:
-        if not self.ckpt_path.exists():
+        """Resume from the newest usable checkpoint, at the start of every launch of the run.
+
+        Deletes the ``.tmp`` files a killed writer left. A checkpoint that cannot be read, fails its
+        digest, is of another format or run, or cannot be restored is set aside (``quarantine/``) and the
+        previous one is tried, then a clean restart; ``recovery.json`` records why (``bench status``).
+        """
+        checkpoints.remove_stale_tmp(self.out_dir)
+        resume = checkpoints.Resume(self.out_dir, self.cell.run_id, CHECKPOINT_FORMAT, self.device)
+        fresh: dict[str, Any] | None = None
+
+        def restore(payload: dict[str, Any]) -> None:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            if self.evaluated is not None:
+                self.evaluated.load_state_dict(payload["evaluated_weights"])
+            self.task.load_state_dict(payload["task"])
+            self.state = TrainState(**payload["state"])
+            self.history = payload["history"]
+
+        for name, payload in resume:
+            if fresh is None:  # the untouched state, to undo a restore that fails half-way
+                fresh = copy.deepcopy(
+                    {
+                        "model": self.model.state_dict(),
+                        "optimizer": self.optimizer.state_dict(),
+                        "evaluated_weights": self.evaluated.state_dict() if self.evaluated is not None else None,
+                        "task": self.task.state_dict(),
+                        "state": vars(self.state),
+                        "history": self.history,
+                    }
+                )
+            try:
+                restore(payload)
+            except Exception as exc:
+                restore(copy.deepcopy(fresh))
+                resume.reject(name, f"{name} cannot be restored ({type(exc).__name__}: {str(exc)[:160]})")
+                continue
+            self.state.resumes += 1
+            resume.finish(f"resumed from {name} at step {self.state.step}")
             return
-        payload = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT or payload.get("run_id") != self.cell.run_id:
-            raise RuntimeError(f"checkpoint {self.ckpt_path} belongs to another run or format; move it away to retrain")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if self.evaluated is not None:
-            self.evaluated.load_state_dict(payload["evaluated_weights"])
-        self.task.load_state_dict(payload["task"])
-        self.history = payload["history"]
-        self.state = TrainState(**payload["state"])
-        self.state.resumes += 1
+        if resume.problems:  # nothing usable: the earlier attempt's curves go aside with its checkpoints
+            resume.set_aside_leftovers()
+        resume.finish("restarted from scratch")
 
     # --- evaluation -----------------------------------------------------------------------
     def _evaluate_weights(
@@ -504,15 +533,24 @@ class _Trainer:
             buf = io.BytesIO()
             torch.save(self._final_eval_model.state_dict(), buf)
             store.atomic_write_bytes(self.out_dir / "final_model.pt", buf.getvalue())
-        store.atomic_write_json(self.out_dir / store.RESULT, result)  # written last: its presence = done
-        self.ckpt_path.unlink(missing_ok=True)
+        # size and SHA-256 of what the report reads: a later change to any of them marks the run damaged
+        result["artefacts"] = store.artefact_manifest(self.out_dir)
+        store.atomic_write_json(self.out_dir / store.RESULT, store.sealed(result))  # last: its presence = done
+        checkpoints.remove(self.out_dir)
         return result
 
 
 def write_config(cell: Cell, out_dir: Path, code_version: str, grid_tricks: list[str]) -> None:
-    """``config.json``: the resolved config, the cell's identity, code version and seed bundle."""
+    """``config.json``: the resolved config, the cell's identity, code version and fingerprint, seed bundle.
+
+    Written when a run starts (never rewritten by a resume): the fingerprint is the code the run trains with
+    (``bench.fingerprint``), which a later launch compares with its own to find stale runs.
+    """
+    from bench.fingerprint import run_fingerprint
+
     meta = cell.to_dict() | {
         "code_version": code_version,
+        "fingerprint": run_fingerprint(cell.config),
         "seed_bundle": SeedBundle(cell.seed).as_dict(),
         "grid_tricks": grid_tricks,
     }

@@ -43,10 +43,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tricks.card import did_you_mean
 
@@ -56,7 +53,6 @@ __all__ = [
     "apply_overrides",
     "looks_like_override",
     "parse_overrides",
-    "read_spec_mapping",
     "split_record",
 ]
 
@@ -293,22 +289,3 @@ def _schema_keys(root: dict[str, Any], at: tuple[str, ...]) -> set[str]:
         card = cards().get(at[3])
         return {p.name for p in card.params} if card is not None else set()
     return set()
-
-
-def read_spec_mapping(path: str | Path) -> Any:
-    """The raw mapping of a YAML spec file (duplicate keys rejected), for overrides to act on.
-
-    Raises ``SpecError`` as ``bench.spec.load_spec`` does for a missing file or bad YAML.
-    TODO(lead): call ``bench.spec``'s own raw loader once spec.py exposes one, and drop this.
-    """
-    from bench import spec as spec_mod
-
-    path = Path(path)
-    if not path.is_file():
-        raise spec_mod.SpecError(
-            [f"spec file {str(path)!r} does not exist (give a path to a .yaml grid spec)"], str(path)
-        )
-    try:
-        return yaml.load(path.read_text(), Loader=spec_mod._UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        raise spec_mod.SpecError([f"not valid YAML: {exc}"], str(path)) from None

@@ -16,9 +16,10 @@ import yaml
 
 from bench import store
 from bench.grid import Cell, expand
-from bench.overrides import RECORD_KEY, apply_overrides, parse_overrides, read_spec_mapping, split_record
+from bench.overrides import RECORD_KEY, apply_overrides, parse_overrides, split_record
 from bench.selection import Selection, select_cells
 from bench.spec import GridSpec, parse_spec
+from bench.specfile import DEFAULT_MAX_RUNS, load_yaml
 
 __all__ = ["LaunchPlan", "code_version", "grid_cells", "plan", "write_grid_spec"]
 
@@ -58,6 +59,9 @@ class LaunchPlan:
     overrides: tuple[str, ...] = ()
     selection: Selection = field(default_factory=Selection)
     grid_size: int | None = None
+    #: run_id -> the parts of the code that changed since it trained (finished or checkpointed runs)
+    stale: dict[str, list[str]] = field(default_factory=dict)
+    rerun_stale: bool = False
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
@@ -66,8 +70,19 @@ class LaunchPlan:
         parts = [f"{n} {s}" for s, n in sorted(counts.items())]
         lines = [
             f"grid {self.spec.grid}: {len(self.cells)} runs ({', '.join(parts)}); "
-            f"{len(self.todo)} to train, {len(self.cells) - len(self.todo)} already finished"
+            f"{len(self.todo)} to train, {len(self.cells) - len(self.todo)} already finished or kept"
         ]
+        if self.stale:
+            changed = sorted({p for parts in self.stale.values() for p in parts})
+            lines.append(
+                f"{len(self.stale)} runs were trained by other code than this ({'; '.join(changed)} changed): "
+                + (
+                    "moved aside to stale/ and trained again (--rerun-stale)"
+                    if self.rerun_stale
+                    else "kept as they are, not resumed, and marked in the report; `bench run --rerun-stale` "
+                    "trains them again"
+                )
+            )
         if self.overrides:
             lines.append("overrides: " + " ".join(self.overrides))
         if not self.selection.empty:
@@ -87,6 +102,8 @@ def plan(
     results_root: Path,
     overrides: Sequence[str] = (),
     selection: Selection | None = None,
+    max_runs: int = DEFAULT_MAX_RUNS,
+    rerun_stale: bool = False,
 ) -> LaunchPlan:
     """Validate the spec with its overrides and work out what to train; raises SpecError / ValueError, writes nothing.
 
@@ -94,24 +111,71 @@ def plan(
     validation; ``selection`` (:mod:`bench.selection`) keeps a subset of the expanded cells.
     """
     parsed = parse_overrides(overrides)  # grammar errors first, before the file is read
-    raw, recorded = split_record(read_spec_mapping(spec_path))
+    raw, recorded = split_record(load_yaml(spec_path))  # file, YAML and size limits first (bench.specfile)
     if parsed:
         raw = apply_overrides(raw, parsed, source=str(spec_path))
     source = f"{spec_path} with overrides" if parsed else str(spec_path)
-    spec = parse_spec(raw, source=source)
-    return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection())
+    spec = parse_spec(raw, source=source, max_runs=max_runs)
+    return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection(), rerun_stale=rerun_stale)
 
 
 def plan_for(
-    spec: GridSpec, results_root: Path, overrides: Sequence[str] = (), selection: Selection | None = None
+    spec: GridSpec,
+    results_root: Path,
+    overrides: Sequence[str] = (),
+    selection: Selection | None = None,
+    rerun_stale: bool = False,
 ) -> LaunchPlan:
+    """What a launch of validated ``spec`` trains: its cells (or a selection), minus those finished — and
+    minus those trained by other code, unless ``rerun_stale`` (then they are trained again)."""
     selection = selection or Selection()
     grid = expand(spec)
     cells = select_cells(grid, spec, selection)
     gdir = store.grid_dir(results_root, spec.grid)
     status = {c.run_id: store.run_status(store.run_dir(results_root, spec.grid, c.run_id)) for c in cells}
-    todo = [c for c in cells if status[c.run_id] not in store.RunStatus.FINISHED]
-    return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid))
+    stale = stale_runs(cells, results_root, status)
+    todo = [
+        c
+        for c in cells
+        if (status[c.run_id] not in store.RunStatus.FINISHED and c.run_id not in stale)
+        or (rerun_stale and c.run_id in stale)
+    ]
+    return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid), stale, rerun_stale)
+
+
+def stale_runs(cells: Sequence[Cell], results_root: Path, status: dict[str, str]) -> dict[str, list[str]]:
+    """Finished or checkpointed runs whose recorded code fingerprint differs from today's code.
+
+    run_id -> the parts that changed (``bench.fingerprint.stale_parts``). Fingerprints are computed once
+    per (task, tricks) combination; a run without a readable ``config.json`` is left to the integrity
+    checks (it is damaged, not stale).
+    """
+    from bench.fingerprint import run_fingerprint, stale_parts
+
+    current: dict[tuple[str, tuple[str, ...]], dict] = {}
+    out: dict[str, list[str]] = {}
+    for c in cells:
+        if status[c.run_id] not in (*store.RunStatus.FINISHED, store.RunStatus.PARTIAL):
+            continue
+        try:
+            recorded = store.read_json(store.run_dir(results_root, c.grid, c.run_id) / store.CONFIG).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        key = (c.config["task"], tuple(sorted(c.config["tricks"])))
+        if key not in current:
+            current[key] = run_fingerprint(c.config)
+        parts = stale_parts(recorded, current[key])
+        if parts:
+            out[c.run_id] = parts
+    return out
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes every value out: no anchors and aliases for objects the resolved spec shares (the spec
+    loader refuses them, as it refuses them in a user's spec)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
 
 
 def write_grid_spec(spec: GridSpec, gdir: Path, overrides: Sequence[str] = ()) -> None:
@@ -122,7 +186,7 @@ def write_grid_spec(spec: GridSpec, gdir: Path, overrides: Sequence[str] = ()) -
     a subset of it.
     """
     data = spec.to_dict() | ({RECORD_KEY: list(overrides)} if overrides else {})
-    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    text = yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True)
     path = gdir / "grid.yaml"
     if path.exists() and path.read_text() != text:
         hist = gdir / "history"
@@ -137,6 +201,6 @@ def grid_cells(gdir: Path) -> tuple[GridSpec, list[Cell]]:
     path = Path(gdir) / "grid.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{gdir} is not a launched grid (no grid.yaml); run `bench run SPEC` first")
-    raw, _recorded = split_record(yaml.safe_load(path.read_text()))
-    spec = parse_spec(raw, source=str(path))
+    raw, _recorded = split_record(load_yaml(path))
+    spec = GridSpec.from_resolved(raw, source=str(path))  # resolved at launch: no registry, no torch
     return spec, expand(spec)

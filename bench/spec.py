@@ -20,22 +20,41 @@ Example::
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bench.specfile import (
+    DEFAULT_MAX_RUNS,
+    GRID_NAME,
+    INT64_MAX,
+    MAX_RUNS_CEILING,
+    MAX_SEEDS,
+    SpecError,
+    check_limits,
+    grid_name_problem,
+    load_yaml,
+    seed_duplicates_problem,
+    short_repr,
+)
 from tricks.card import CheckContext, Param, ParamError, TrickCard, did_you_mean, validate_params
 
-__all__ = ["DESIGNS", "TRAIN_PARAMS", "GridSpec", "SpecError", "TaskSpec", "load_spec", "parse_spec"]
+__all__ = [
+    "DEFAULT_MAX_RUNS",
+    "DESIGNS",
+    "MAX_RUNS_CEILING",
+    "TRAIN_PARAMS",
+    "GridSpec",
+    "SpecError",
+    "TaskSpec",
+    "load_spec",
+    "parse_spec",
+]
 
 DESIGNS = ("one_at_a_time", "leave_one_out", "full_factorial", "fractional_factorial")
-GRID_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 TOP_KEYS = ("grid", "description", "design", "seeds", "tasks", "wandb", "fraction")
 TASK_KEYS = ("task", "params", "train", "tricks")
-MAX_SEEDS = 1000
+
 
 #: the ``train`` block: how long and how a task trains (what-to-train; how-to-run is CLI flags)
 TRAIN_PARAMS: tuple[Param, ...] = (
@@ -104,15 +123,6 @@ WANDB_PARAMS = {
 }
 
 
-class SpecError(ValueError):
-    """A grid spec is invalid. ``problems`` lists every problem found (field: value; allowed)."""
-
-    def __init__(self, problems: list[str], source: str = "spec") -> None:
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid grid {source} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
-
-
 @dataclass(frozen=True)
 class TaskSpec:
     """One task block of a grid, fully resolved (every default filled in)."""
@@ -151,40 +161,55 @@ class GridSpec:
             },
         }
 
+    @classmethod
+    def from_resolved(cls, data: Any, source: str = "grid.yaml") -> GridSpec:
+        """A grid from a stored resolved spec (:meth:`to_dict`'s output), trusted as resolved: nothing is
+        re-validated against the registries, so reading a launched grid imports neither them nor torch.
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects duplicate mapping keys instead of keeping the last."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+        Raises :class:`SpecError` when the structure is not that of a stored spec (a damaged file).
+        """
+        try:
+            tasks = tuple(
+                TaskSpec(
+                    label=str(label),
+                    task=str(block.get("task", label)),
+                    params=dict(block["params"]),
+                    train=dict(block["train"]),
+                    tricks={str(k): dict(v or {}) for k, v in block["tricks"].items()},
+                )
+                for label, block in data["tasks"].items()
             )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+            return cls(
+                grid=str(data["grid"]),
+                design=str(data["design"]),
+                seeds=tuple(int(s) for s in data["seeds"]),
+                tasks=tasks,
+                description=str(data.get("description", "")),
+                fraction=int(data.get("fraction", 0)),
+                wandb=dict(data.get("wandb") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SpecError([f"not a stored resolved spec ({type(exc).__name__}: {exc})"], source) from None
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+def load_spec(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> GridSpec:
+    """Read and validate a YAML grid spec. Raises :class:`SpecError`; writes nothing.
+
+    The file, YAML and size limits (``bench.specfile``) are checked first, then :func:`parse_spec`;
+    ``max_runs`` caps the runs the spec may plan (``bench run --max-runs``).
+    """
+    return parse_spec(load_yaml(path), source=str(path), max_runs=max_runs)
 
 
-def load_spec(path: str | Path) -> GridSpec:
-    """Read and validate a YAML grid spec. Raises :class:`SpecError`; writes nothing."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([f"spec file {str(path)!r} does not exist (give a path to a .yaml grid spec)"], str(path))
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        raise SpecError([f"not valid YAML: {exc}"], str(path)) from None
-    return parse_spec(data, source=str(path))
+def parse_spec(data: Any, source: str = "spec", max_runs: int | None = None) -> GridSpec:
+    """Validate an already-parsed spec (a dict). Collects all problems before raising.
 
-
-def parse_spec(data: Any, source: str = "spec") -> GridSpec:
-    """Validate an already-parsed spec (a dict). Collects all problems before raising."""
+    The limits of ``bench.specfile.check_limits`` come first (no registry imported, nothing expanded);
+    ``max_runs`` caps the planned runs (None: :data:`MAX_RUNS_CEILING`, e.g. a stored ``grid.yaml``).
+    """
+    limits = check_limits(data, MAX_RUNS_CEILING if max_runs is None else max_runs)
+    if limits:
+        raise SpecError(limits, source)
     problems: list[str] = []
     if not isinstance(data, dict):
         raise SpecError(
@@ -196,20 +221,18 @@ def parse_spec(data: Any, source: str = "spec") -> GridSpec:
             problems.append(f"{key}: unknown key; allowed: {', '.join(TOP_KEYS)}" + (f" ({hint})" if hint else ""))
 
     grid = data.get("grid")
-    if not isinstance(grid, str) or not GRID_NAME.match(grid):
-        problems.append(
-            f"grid: {grid!r} is not allowed; allowed: a name of lower-case letters, digits, '_', '-', '.' "
-            "(1-64 characters, starting with a letter or digit) — it names the results folder"
-        )
+    if grid_name_problem(grid):
+        problems.append(grid_name_problem(grid))
     description = data.get("description", "")
     if not isinstance(description, str):
-        problems.append(f"description: {description!r} is not allowed; allowed: a string")
+        problems.append(f"description: {short_repr(description)} is not allowed; allowed: a string")
 
     design = data.get("design", "one_at_a_time")
-    if design not in DESIGNS:
+    if not isinstance(design, str) or design not in DESIGNS:
         hint = did_you_mean(str(design), DESIGNS)
         problems.append(
-            f"design: {design!r} is not allowed; allowed: one of {', '.join(DESIGNS)}" + (f" ({hint})" if hint else "")
+            f"design: {short_repr(design)} is not allowed; allowed: one of {', '.join(DESIGNS)}"
+            + (f" ({hint})" if hint else "")
         )
 
     seeds = _parse_seeds(data.get("seeds", 3), problems)
@@ -217,7 +240,7 @@ def parse_spec(data: Any, source: str = "spec") -> GridSpec:
     if design == "fractional_factorial":
         if isinstance(fraction, bool) or not isinstance(fraction, int) or fraction < 1:
             problems.append(
-                f"fraction: {fraction!r} is not allowed; allowed: an integer p ≥ 1 (the design runs "
+                f"fraction: {short_repr(fraction)} is not allowed; allowed: an integer p ≥ 1 (the design runs "
                 "2^(k-p) of the 2^k trick combinations)"
             )
     elif "fraction" in data:
@@ -237,7 +260,7 @@ def parse_spec(data: Any, source: str = "spec") -> GridSpec:
     raw_tasks = data.get("tasks")
     if not isinstance(raw_tasks, dict) or not raw_tasks:
         problems.append(
-            f"tasks: {raw_tasks!r} is not allowed; allowed: a mapping from task name "
+            f"tasks: {short_repr(raw_tasks)} is not allowed; allowed: a mapping from task name "
             f"({', '.join(_task_names())}) to its block (params, train, tricks)"
         )
     else:
@@ -268,21 +291,25 @@ def parse_spec(data: Any, source: str = "spec") -> GridSpec:
 
 
 def _parse_seeds(raw: Any, problems: list[str]) -> tuple[int, ...]:
-    allowed = f"an integer count 1..{MAX_SEEDS} or a list of distinct non-negative integers"
+    allowed = f"an integer count 1..{MAX_SEEDS} or a list of 1..{MAX_SEEDS} distinct integers 0..2^63-1"
     if isinstance(raw, bool):
         problems.append(f"seeds: {raw!r} is not allowed; allowed: {allowed}")
         return ()
     if isinstance(raw, int):
         if not 1 <= raw <= MAX_SEEDS:
-            problems.append(f"seeds: {raw!r} is out of range; allowed: {allowed}")
+            problems.append(f"seeds: {short_repr(raw)} is out of range; allowed: {allowed}")
             return ()
         return tuple(range(raw))
-    if isinstance(raw, list) and raw and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in raw):
-        if len(set(raw)) != len(raw):
-            problems.append(f"seeds: {raw!r} has duplicates; allowed: {allowed}")
+    if (
+        isinstance(raw, list)
+        and 0 < len(raw) <= MAX_SEEDS
+        and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= INT64_MAX for s in raw)
+    ):
+        if seed_duplicates_problem(raw):
+            problems.append(seed_duplicates_problem(raw))
             return ()
         return tuple(raw)
-    problems.append(f"seeds: {raw!r} is not allowed; allowed: {allowed}")
+    problems.append(f"seeds: {short_repr(raw)} is not allowed; allowed: {allowed}")
     return ()
 
 

@@ -13,7 +13,7 @@ from importlib import import_module
 
 from experiments.base import Task
 from tricks.card import did_you_mean
-from tricks.plugins import PluginError, entry_point_objects, forget_registration, record_registration
+from tricks.plugins import PluginError, entry_point_objects, record_registration
 
 __all__ = ["BUILTIN_TASKS", "available_tasks", "get_task", "origin", "register_task", "task_names"]
 
@@ -109,4 +109,3 @@ def unregister_task(name: str) -> None:
     if name in BUILTIN_TASKS:
         raise ValueError(f"task {name!r} is built in")
     _plugin_table().pop(name, None)
-    forget_registration("task", name)

@@ -3,7 +3,8 @@
 #
 #   bash slurm/cluster.sh install   apt-get the daemons and clients (munge, slurmctld, slurmd); no-op when present
 #   bash slurm/cluster.sh start     write munge key + slurm.conf + gres.conf, start munged, slurmctld and slurmd,
-#                                   wait until `sinfo` shows the node idle (idempotent: a running cluster is kept)
+#                                   wait until `sinfo` shows the node idle (idempotent: a running cluster whose
+#                                   configuration is unchanged is kept; a changed one is restarted on the new one)
 #   bash slurm/cluster.sh stop      stop the three daemons this script started (by their pid files)
 #   bash slurm/cluster.sh status    daemons, `sinfo`; exit 0 when the node takes jobs, 1 otherwise
 #
@@ -12,9 +13,18 @@
 # still sees no CUDA device. No accounting storage: `sacct` is absent (submitit warns and copes;
 # trickbench reads the queue with `squeue`). See slurm/README.md for pointing a grid at a real cluster.
 #
+# The defaults are the strict settings a real cluster may have, so the tests run under them: `JobRequeue=0`
+# (a batch job is requeueable only when it asks with --requeue) and `MaxArraySize=1001` (SLURM's default; a
+# larger grid needs several arrays). A second partition holds only a GPU-less placeholder node that never
+# comes up (it is never scheduled on), so the GPU-less-partition preflight has something real to refuse.
+#
 # Environment knobs (all optional):
-#   TRICKBENCH_SLURM_PARTITION   partition name (default: debug)
+#   TRICKBENCH_SLURM_PARTITION   default partition name (default: debug)
+#   TRICKBENCH_SLURM_MAX_TIME    MaxTime of that partition (default: 1-00:00:00, one day)
 #   TRICKBENCH_SLURM_OVERSUBSCRIBE  jobs that may share one core (default: 4, so many tiny array tasks run at once)
+#   TRICKBENCH_SLURM_JOB_REQUEUE    JobRequeue (default: 0; 1 makes batch jobs requeueable without --requeue)
+#   TRICKBENCH_SLURM_MAX_ARRAY_SIZE MaxArraySize (default: 1001, SLURM's own default)
+#   TRICKBENCH_SLURM_NOGPU_PARTITION name of the GPU-less placeholder partition (default: nogpu; empty: none)
 #   TRICKBENCH_SLURM_START_TIMEOUT  seconds to wait for the node to become idle (default: 90)
 set -euo pipefail
 
@@ -23,7 +33,11 @@ STATE_DIR=/var/spool/trickbench-slurm
 LOG_DIR=/var/log/slurm
 RUN_DIR=/run/trickbench-slurm
 PARTITION=${TRICKBENCH_SLURM_PARTITION:-debug}
+MAX_TIME=${TRICKBENCH_SLURM_MAX_TIME:-1-00:00:00}
 OVERSUBSCRIBE=${TRICKBENCH_SLURM_OVERSUBSCRIBE:-4}
+JOB_REQUEUE=${TRICKBENCH_SLURM_JOB_REQUEUE:-0}
+MAX_ARRAY_SIZE=${TRICKBENCH_SLURM_MAX_ARRAY_SIZE:-1001}
+NOGPU_PARTITION=${TRICKBENCH_SLURM_NOGPU_PARTITION-nogpu}
 START_TIMEOUT=${TRICKBENCH_SLURM_START_TIMEOUT:-90}
 MUNGE_PID=/run/munge/munged.pid
 CTLD_PID=$RUN_DIR/slurmctld.pid
@@ -63,7 +77,13 @@ node_line() {  # NodeName=... CPUs=... Sockets/Cores/Threads as detected by slur
     | sed -E "s/\$/ Gres=gpu:1 State=UNKNOWN/"
 }
 
-write_config() {
+nogpu_lines() {  # a GPU-less node that never responds (no slurmd at its address) and a partition of it alone
+  [ -n "$NOGPU_PARTITION" ] || return 0
+  echo "NodeName=${NOGPU_PARTITION}-node NodeAddr=127.0.0.1 Port=7 CPUs=1 RealMemory=1000 State=DOWN"
+  echo "PartitionName=${NOGPU_PARTITION} Nodes=${NOGPU_PARTITION}-node Default=NO MaxTime=60 State=UP"
+}
+
+write_config() {  # writes slurm.conf.new and gres.conf.new (start decides whether to use them)
   local host cpus mem_per_cpu
   host=$(hostname -s)
   cpus=$(nproc)
@@ -100,8 +120,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=${mem_per_cpu}
 GresTypes=gpu
-# preemption and failures requeue batch jobs (trickbench workers resume from their checkpoints)
-JobRequeue=1
+# JobRequeue=0: a batch job is requeueable (preemption, node failure, scontrol requeue) only when it asks
+# with --requeue, as trickbench's always do (TRICKBENCH_SLURM_JOB_REQUEUE=1 for SLURM's own default)
+JobRequeue=${JOB_REQUEUE}
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 ReturnToService=2
@@ -112,13 +133,21 @@ KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=60
 SlurmdTimeout=60
-MaxArraySize=10001
+MaxArraySize=${MAX_ARRAY_SIZE}
 $(node_line)
-PartitionName=${PARTITION} Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:${OVERSUBSCRIBE}
+PartitionName=${PARTITION} Nodes=${host} Default=YES MaxTime=${MAX_TIME} State=UP OverSubscribe=FORCE:${OVERSUBSCRIBE}
+$(nogpu_lines)
 EOF
   # a generic GPU backed by /dev/null: `--gpus-per-node=1` schedules, nothing real is bound (Slurm 22.05 drops a
   # gpu line with Count= and no File=, then drains the node: "gres/gpu count reported lower than configured")
   echo "NodeName=${host} Name=gpu File=/dev/null" > "$CONF_DIR/gres.conf.new"
+}
+
+config_unchanged() {  # the freshly written .new files equal the configuration the daemons run on
+  cmp -s "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf" && cmp -s "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"
+}
+
+install_config() {
   mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
   mv "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"
 }
@@ -143,8 +172,8 @@ start_munge() {
   die "munged did not start (see /var/log/munge/munged.log)"
 }
 
-node_state() {
-  sinfo -h -N -o '%T' 2>/dev/null | head -n 1 || true
+node_state() {  # the state of this host's node (not the placeholder's)
+  sinfo -h -N -n "$(hostname -s)" -o '%T' 2>/dev/null | head -n 1 || true
 }
 
 cluster_up() {
@@ -159,15 +188,18 @@ cmd_start() {
   need_root
   command -v slurmctld >/dev/null || die "slurm is not installed; run: bash slurm/cluster.sh install"
   local t0=$SECONDS
-  if cluster_up; then
+  write_config
+  if cluster_up && config_unchanged; then
+    rm -f "$CONF_DIR/slurm.conf.new" "$CONF_DIR/gres.conf.new"
     log "already running: node $(hostname -s) is $(node_state)"
     return 0
   fi
   start_munge
-  # daemons that run but do not take jobs (stale config, node drained): restart them on a fresh config
+  # daemons that run but do not take jobs (stale config, node drained) or run on another configuration
+  # (changed knobs): restart them on the fresh one; queued jobs survive (StateSaveLocation)
   stop_pidfile slurmd "$SLURMD_PID"
   stop_pidfile slurmctld "$CTLD_PID"
-  write_config
+  install_config
   slurmctld || die "slurmctld did not start (see $LOG_DIR/slurmctld.log)"
   slurmd || die "slurmd did not start (see $LOG_DIR/slurmd.log)"
   local state=""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def _spec(**top) -> dict:
 
 def _write(tmp_path: Path, data: dict, name: str = "grid.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False))  # no shared objects: no aliases
     return path
 
 
