@@ -80,6 +80,9 @@ def test_entry_points_register_the_plugins_task_and_tricks() -> None:
     assert "entry point 'mixup = trickbench_example.mixup:CARD'" in trick_origin("mixup")
     cls = get_task("mlp_regression")
     assert cls.accepts(table["mixup"]) and cls.accepts(table["ema"]) and not cls.accepts(table["precise_bn"])
+    code, out, _ = _bench("list")
+    assert code == 0 and out.count("of distribution 'trickbench-example-plugin'") == 4  # 3 tricks and the task
+    assert "role: task; applies to: mlp_regression" in out
 
 
 # --- bench run: train, Ctrl-C, resume, status, report ---------------------------------------------------
