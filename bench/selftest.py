@@ -349,7 +349,7 @@ def selftest(names: list[str], workdir: Path | None = None, tasks: list[str] | N
 
 
 #: column widths of the selftest table (rows are printed as checks finish, so the widths are fixed)
-COLUMNS = (("check", 22), ("task", 18), ("trick", 24), ("result", 6))
+COLUMNS = (("check", 34), ("task", 18), ("trick", 22), ("result", 6))
 
 
 def format_row(result: CheckResult | None = None) -> str:
