@@ -315,7 +315,8 @@ def test_equiv_rejects_bad_input_before_training(tmp_path: Path) -> None:
 
 
 def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> None:
-    """A task registered in code (no entry point) trains in the local executor's spawned workers."""
+    """Tasks registered in code (no entry point) train in the local executor's spawned workers: one from an importable
+    module, one defined in the launching script (registered under its `__main__` guard)."""
     (tmp_path / "line_task.py").write_text(
         textwrap.dedent(
             """
@@ -350,7 +351,8 @@ def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> Non
             """
         )
     )
-    (tmp_path / "grid.yaml").write_text("grid: line\nseeds: 2\ntasks:\n  line_fit:\n    tricks: [example_ema]\n")
+    grid = {"grid": "line", "seeds": 2, "tasks": {"line_fit": {"tricks": ["example_ema"]}, "steep_fit": {}}}
+    (tmp_path / "grid.yaml").write_text(json.dumps(grid))
     (tmp_path / "launch.py").write_text(
         textwrap.dedent(
             """
@@ -359,12 +361,16 @@ def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> Non
             from experiments.registry import register_task
             from line_task import Line
 
+            class Steep(Line):  # defined in the launching script itself
+                name = "steep_fit"
+
             if __name__ == "__main__":
                 register_task(Line)
+                register_task(Steep)
                 sys.exit(main(["run", "grid.yaml", "--jobs", "2", "--no-progress", "--no-report"]))
             """
         )
     )
     proc = subprocess.run([sys.executable, "launch.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc
-    assert "trained: 4 completed" in proc.stdout
+    assert "trained: 6 completed" in proc.stdout
