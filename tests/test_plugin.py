@@ -107,10 +107,9 @@ def test_grid_trains_resumes_after_sigint_and_equals_an_uninterrupted_grid(tmp_p
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = results / GRID_NAME / "runs"
     deadline = time.monotonic() + 120
-    while not any(runs.glob("*/state.json")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # a worker has started training a run
+    while not any(runs.glob("*/checkpoint.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # a run is training: its first periodic checkpoint (step 128 of 512) is on disk
     assert proc.poll() is None, proc.communicate()
-    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the launch
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
@@ -128,6 +127,8 @@ def test_grid_trains_resumes_after_sigint_and_equals_an_uninterrupted_grid(tmp_p
     )
     assert code == 0, err
     resumed, straight = _run_files(results), _run_files(tmp_path / "straight")
+    resumes = [store.read_json(d / store.RESULT)["cost"]["resumes"] for d in runs.iterdir()]
+    assert max(resumes) >= 1, resumes  # the interrupted run continued from its checkpoint
     assert resumed.keys() == straight.keys() and len(resumed) == 8
     for run_id, (metrics, losses, weights) in straight.items():
         assert resumed[run_id][0] == metrics, run_id
