@@ -349,3 +349,39 @@ def cmd_report(grid: Path) -> int:
         print(f"damaged run left out: {run_id} {why}")
     print(f"report: {write_report(grid, stats)}")
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """``bench selftest NAME...``: the registry checks as a table; 1 if a check failed; ValueError (2): bad name."""
+    from bench.selftest import cells_for, format_row, iter_selftest
+
+    tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
+    try:
+        planned = {cell for name in args.names for cell in cells_for(name, tasks)}  # every name known, before training
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    if not planned and not any(_is_trick(n) for n in args.names):
+        raise ValueError(f"--task: {', '.join(tasks or [])} leaves no cell of {', '.join(args.names)} to check")
+    print(f"bench selftest {' '.join(args.names)}: {len(planned)} cell(s) at the tasks' tiny settings")
+    print(format_row(), flush=True)
+    failed, total = [], 0
+    t0 = time.perf_counter()
+    for result in iter_selftest(list(args.names), args.workdir, tasks):
+        total += 1
+        print(format_row(result), flush=True)
+        if not result.ok:
+            failed.append(result)
+    elapsed = time.perf_counter() - t0
+    if failed:
+        print(f"\n{len(failed)} of {total} checks FAILED ({elapsed:.0f} s):")
+        for r in failed:
+            print(f"  {r.check} / {r.task} / {r.trick}: {r.detail}")
+        return 1
+    print(f"\nall {total} checks passed ({elapsed:.0f} s)")
+    return 0
+
+
+def _is_trick(name: str) -> bool:
+    from tricks.registry import cards
+
+    return name in cards()

@@ -31,7 +31,8 @@ def test_help_imports_nothing_heavy() -> None:
 import contextlib, io, json, sys
 from bench.cli import main
 seen = {{}}
-for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["status", "--help"], ["report", "--help"], []):
+for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["status", "--help"], ["report", "--help"],
+             ["selftest", "--help"], ["equiv", "--help"], []):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         try:
             code = main(argv)
@@ -45,7 +46,7 @@ print(json.dumps(seen))
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert all(not heavy for heavy in seen.values()), seen
-    assert len(seen) == 6
+    assert len(seen) == 8
 
 
 def test_status_of_a_trained_grid_imports_no_torch(tmp_path: Path) -> None:
