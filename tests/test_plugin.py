@@ -31,6 +31,8 @@ PLUGIN = ROOT / "examples" / "plugin"
 GRID = PLUGIN / "grid.yaml"
 GRID_NAME = "plugin-example"
 FAST = ["seeds=2"]  # the shipped grid, two seeds (8 runs of ~0.5 s)
+# runs long enough (~2-3 s) that Ctrl-C lands mid-training even when the machine is loaded
+LONGER = [*FAST, "tasks.mlp_regression.train.budget_samples=65536"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +104,7 @@ def test_grid_trains_resumes_after_sigint_and_equals_an_uninterrupted_grid(tmp_p
     """`bench run examples/plugin/grid.yaml` in a subprocess (local pool), SIGINT once a run is training, the same
     command again: every run completes, equal (metrics, per-step losses, final weights) to an uninterrupted grid."""
     results = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "bench.cli", "run", str(GRID), *FAST, "--results", str(results), "--jobs", "1"]
+    cmd = [sys.executable, "-m", "bench.cli", "run", str(GRID), *LONGER, "--results", str(results), "--jobs", "1"]
     cmd += ["--no-progress", "--no-report"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = results / GRID_NAME / "runs"
@@ -118,12 +120,12 @@ def test_grid_trains_resumes_after_sigint_and_equals_an_uninterrupted_grid(tmp_p
     code, out, _ = _bench("status", results / GRID_NAME)
     assert code == 0 and "partial" in out, out
 
-    again = _cli("run", GRID, *FAST, "--results", results, "--jobs", "1", "--no-progress", "--no-report")
+    again = _cli("run", GRID, *LONGER, "--results", results, "--jobs", "1", "--no-progress", "--no-report")
     assert again.returncode == 0, again.stderr
     assert "8 completed" in _bench("status", results / GRID_NAME)[1]
 
     code, _, err = _bench(
-        "run", GRID, *FAST, "--results", tmp_path / "straight", "--executor", "debug", "--no-progress", "--no-report"
+        "run", GRID, *LONGER, "--results", tmp_path / "straight", "--executor", "debug", "--no-progress", "--no-report"
     )
     assert code == 0, err
     resumed, straight = _run_files(results), _run_files(tmp_path / "straight")
