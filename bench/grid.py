@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from bench.designs import fractional_design
 from bench.spec import GridSpec, TaskSpec
 
 __all__ = ["CONFIG_VERSION", "Cell", "design_arms", "expand", "fractional_design", "run_id_of"]
@@ -65,44 +66,6 @@ def run_id_of(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def fractional_design(k: int, p: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
-    """A 2^(k−p) two-level fractional factorial design.
-
-    Returns (rows, generators, resolution): rows are 0/1 tuples over the k factors; the
-    first k−p factors form a full factorial, each of the last p is the product (in ±1
-    coding) of the base factors in its generator word. Generators are chosen greedily
-    among the longest words so the resolution (shortest word of the defining relation)
-    is as high as this simple construction gets; it is returned so reports can state it.
-    """
-    if not 1 <= p < k:
-        raise ValueError(f"fractional design needs 1 ≤ p < k; got k={k}, p={p}")
-    base = k - p
-    words = [w for size in range(base, 1, -1) for w in itertools.combinations(range(base), size)]
-    if len(words) < p:
-        raise ValueError(f"no 2^({k}-{p}) design: too few interactions of {base} base factors for {p} generators")
-    generators = words[:p]
-    rows = []
-    for levels in itertools.product((0, 1), repeat=base):
-        signs = [1 if x else -1 for x in levels]
-        extra = []
-        for word in generators:
-            prod = 1
-            for i in word:
-                prod *= signs[i]
-            extra.append(1 if prod > 0 else 0)
-        rows.append(tuple(levels) + tuple(extra))
-    # defining relation: every product of generator words (each word includes its own new factor)
-    full_words = [frozenset(w) | {base + j} for j, w in enumerate(generators)]
-    resolution = k
-    for r in range(1, p + 1):
-        for combo in itertools.combinations(full_words, r):
-            word: frozenset = frozenset()
-            for w in combo:
-                word = word ^ w
-            resolution = min(resolution, len(word))
-    return rows, generators, resolution
-
-
 def design_arms(design: str, tricks: list[str], fraction: int = 0) -> list[tuple[str, tuple[str, ...]]]:
     """(arm label, tricks on) for a design over ``tricks`` (spec order kept)."""
     if design == "one_at_a_time":
@@ -117,7 +80,7 @@ def design_arms(design: str, tricks: list[str], fraction: int = 0) -> list[tuple
         if design == "full_factorial" or not tricks:
             rows = list(itertools.product((0, 1), repeat=len(tricks)))
         else:
-            rows = fractional_design(len(tricks), fraction)[0]
+            rows = list(fractional_design(len(tricks), fraction).rows)
         arms = []
         for row in rows:
             on = tuple(t for t, bit in zip(tricks, row) if bit)

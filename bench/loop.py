@@ -1111,9 +1111,16 @@ class _Group:
 
 
 def write_config(cell: Cell, out_dir: Path, code_version: str, grid_tricks: list[str]) -> None:
-    """``config.json``: the resolved config, the cell's identity, code version and seed bundle."""
+    """``config.json``: the resolved config, the cell's identity, code version and fingerprint, seed bundle.
+
+    Written when a run starts (never rewritten by a resume): the fingerprint is the code the run trains with
+    (``bench.fingerprint``), which a later launch compares with its own to find stale runs.
+    """
+    from bench.fingerprint import run_fingerprint
+
     meta = cell.to_dict() | {
         "code_version": code_version,
+        "fingerprint": run_fingerprint(cell.config),
         "seed_bundle": SeedBundle(cell.seed).as_dict(),
         "grid_tricks": grid_tricks,
     }

@@ -26,8 +26,9 @@ from bench.stats import (
     CONFIDENCE,
     MIN_EFFECT_SIZE,
     MIN_RELIABLE_CI_SEEDS,
-    N_RESAMPLES,
+    MIN_TEST_SEEDS,
     POWER,
+    SEEDS_NEEDED_CONFIDENCE,
     GridStats,
     TaskStats,
     analyze_grid,
@@ -86,6 +87,16 @@ def _seeds(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return "∞" if math.isinf(x) else str(int(x))
+
+
+def _seeds_range(v: Any) -> str:
+    """Seeds needed as the range of :func:`bench.stats.seeds_needed_interval`: "12–40", "≥ 12", or "—"."""
+    lo, hi = v.get("seeds_needed_low"), v.get("seeds_needed_high")
+    if not _finite(lo):
+        return "—"
+    if not _finite(hi):
+        return f"≥ {int(lo)}"
+    return str(int(lo)) if int(lo) == int(hi) else f"{int(lo)}–{int(hi)}"
 
 
 def _direction(hib: bool) -> str:
@@ -178,38 +189,39 @@ def _inline(text: str) -> str:
 
 # --- the report ------------------------------------------------------------------------------------------------
 def _methods(gs: GridStats) -> list[str]:
-    z = f"(z₁₋α/(2m) + z_{POWER})²·σ_d²/Δ²"
     return [
         "**Pairing.** Seed *s* of every arm shares one seed bundle (init, data order, augmentation, noise), so "
         "each effect is computed per seed: **effect = metric with the trick on − with it off, same seed**. "
         "one_at_a_time: `+trick − baseline`; leave_one_out: `all − all-trick` (what the trick adds to the full "
         "recipe); factorial designs: the ±1-coded contrast per seed (mean of the arms with the trick on − mean of "
         "those with it off; seed is a blocking factor).",
-        f"**Interval.** {CONFIDENCE:.0%} bootstrap CI of the mean difference over seeds (`scipy.stats.bootstrap`, "
-        f"BCa, {N_RESAMPLES:,} resamples; percentile when BCa is degenerate). Bootstrap intervals are too narrow for "
-        "few seeds, so the level is expanded (Hesterberg 2015): the bootstrap is asked for "
-        "1 − 2Φ(−√(n/(n−1))·t₀.₉₇₅,ₙ₋₁), which gives ≈95% coverage (tests/test_stats.py measures it). "
-        f"† marks intervals from fewer than {MIN_RELIABLE_CI_SEEDS} seeds: no bootstrap interval can be wider than "
-        "the data, which covers the mean with probability ≤ 1 − 2^(1−n) (75% at 3 seeds).",
-        "**p-value.** Paired sign-flip permutation test of the mean difference (`scipy.stats.permutation_test`, "
-        "exact up to 13 seeds), two-sided; **p (Holm)** adjusts across the tricks of a task, per metric "
-        "(Benjamini–Hochberg q in the full effects table). The smallest possible p is 2/2ⁿ: no verdict is "
-        "possible below 6 seeds.",
-        f"**Verdict** (primary metric, direction-aware): **helps** / **hurts** when p (Holm) < {ALPHA} and the CI "
-        f"excludes 0 on the better / worse side; otherwise **needs more seeds** when the effect is practically "
-        f"large relative to its noise (|mean| / sd of the differences ≥ {MIN_EFFECT_SIZE}) or fewer than 2 seeds "
-        f"were usable; otherwise **no detectable effect**. A significant change of the divergence rate (paired "
-        f"test on the 0/1 indicators, Holm across tricks) decides the verdict instead.",
-        f"**Seeds needed** = max({z}, the fewest seeds at which p (Holm) < {ALPHA} is attainable), with m = the "
-        f"number of tricks (Bonferroni level, the strictest Holm step); with m = 1 it is 7.85·σ_d²/Δ² "
-        "(the unpaired two-arm formula is 15.7·σ²/Δ² per arm).",
+        f"**Interval.** {CONFIDENCE:.0%} paired t-interval of the mean difference over seeds. Its coverage is "
+        "measured in CI (tests/test_calibration.py): 93.9–96.6% at 2 to 20 seeds on normal, heavy-tailed (t₃), "
+        "lognormal, skewed and outlier-prone simulated metrics; strongly skewed differences (skewness ≥ 2) cover "
+        f"less (88–92%). An interval needs {MIN_TEST_SEEDS} seeds; † marks one that is not calibrated.",
+        "**p-value.** Paired t-test of the mean difference, the test the interval inverts (so p < 0.05 exactly when "
+        "the 95% interval excludes 0); **p (Holm)** adjusts across the tricks of a task, per metric "
+        "(Benjamini–Hochberg q and the exact sign-flip permutation p in effects.csv).",
+        f"**Verdict** (primary metric, direction-aware): **helps** / **hurts** when p (Holm) < {ALPHA} (the interval "
+        f"then excludes 0 on that side); **no detectable effect** when not significant and the {CONFIDENCE:.0%} "
+        f"interval of the effect size d_z = mean / sd of the differences lies within ±{MIN_EFFECT_SIZE} (any effect "
+        f"is small next to the seed noise); otherwise **needs more seeds**, with the reason: too few seeds for a "
+        f"test (fewer than {MIN_TEST_SEEDS}) or inconclusive. A significant change of the divergence rate (exact "
+        f"sign-flip test on the 0/1 indicators, Holm across tricks) decides the verdict instead.",
+        f"**Seeds needed** (a range): the seeds a paired t-test at level {ALPHA}/m (m = tricks, Holm's strictest "
+        f"step) needs for {POWER:.0%} power (noncentral t), for the effect sizes d_z in the "
+        f"{SEEDS_NEEDED_CONFIDENCE:.0%} confidence interval of d_z: the low end if the effect is as large as the data "
+        "allow, the high end if as small (≥ n: it may be 0); — when the data say nothing either way.",
         "**Diverged runs** (non-finite loss) have no final metric: every pair (factorial: every seed block) with a "
         "diverged run is left out of the metric effects and counted as *excl. (div.)*; divergence rates are "
         "reported under Stability.",
-        "**Stability.** Spread ratio = std across seeds of the primary metric with the trick on / off (percentile "
-        "bootstrap over seeds); loss spikes = steps whose log-loss exceeds the trailing 25-step median by 5 robust "
-        "standard deviations. **Cost**: per-seed ratio on / off of train time and peak memory per sample, "
-        "geometric mean with a bootstrap CI; timings from a shared machine are noisy and CPU memory is sampled "
+        "**Stability.** Spread ratio = Gini mean difference (mean |difference| between two seeds) of the primary "
+        "metric with the trick on / off (for normal metrics the ratio of standard deviations), with a jackknife "
+        "t-interval of the log ratio (calibrated from 3 seeds); with one arm a side, ✱ marks a change of spread that "
+        "the exact within-seed swap test confirms (p < 0.05, possible from 6 seeds); loss spikes = steps whose "
+        "log-loss exceeds the trailing 25-step median by 5 robust standard deviations. **Cost**: per-seed ratio "
+        "on / off of train time and peak memory per sample, geometric mean with the t-interval of the mean log "
+        "ratio; timings from a shared machine are noisy and CPU memory is sampled "
         "resident-set growth (approximate).",
     ]
 
@@ -273,7 +285,7 @@ def _summary_rows(gs: GridStats) -> tuple[list[str], list[list[str]]]:
                     _effect(v["mean"], v["ci_low"], v["ci_high"], v["n"]) + f" ({ts.metric})" * _finite(v["mean"]),
                     _p(v["p_holm"]),
                     _frac(v["frac_improved"], v["n"]),
-                    _seeds(v["seeds_needed"]),
+                    _seeds_range(v),
                     _g(v["time_ratio"]),
                     _g(v["memory_ratio"]),
                 ]
@@ -315,7 +327,7 @@ def _task_section(
                 _p(v["p_holm"]),
                 _frac(v["frac_improved"], v["n"]),
                 f"{int(v['n'])} ({int(v['n_excluded_diverged'])})",
-                _seeds(v["seeds_needed"]),
+                _seeds_range(v),
                 _g(v["time_ratio"]),
                 _g(v["memory_ratio"]),
                 v["reason"],
@@ -452,15 +464,16 @@ def _stability_table(doc: _Doc, ts: TaskStats) -> None:
     if not len(st):
         doc.para("(no stability statistics)")
         return
-    header = ["trick", f"seed spread of {ts.metric}, on / off [95% CI]", "loss spikes per run, on vs off",
-              "Δ spikes [95% CI]", "diverged runs, on vs off", "Δ divergence rate [95% CI]", "p (Holm)"]  # fmt: skip
+    header = ["trick", f"seed spread (Gini mean difference) of {ts.metric}, on / off [95% CI]",
+              "loss spikes per run, on vs off", "Δ spikes [95% CI]", "diverged runs, on vs off",
+              "Δ divergence rate [95% CI]", "p (Holm)"]  # fmt: skip
     rows = []
     for _, r in st.iterrows():
         g = r.get
         rows.append(
             [
                 r["term"],
-                _ratio(g("spread_ratio"), g("spread_low"), g("spread_high")),
+                _ratio(g("spread_ratio"), g("spread_low"), g("spread_high")) + " ✱" * bool(g("spread_changed")),
                 f"{_g(g('spikes_on'))} vs {_g(g('spikes_off'))}",
                 _effect(g("spikes_diff"), g("spikes_low"), g("spikes_high"), g("spikes_n")),
                 f"{_seeds(g('diverged_total_on'))} vs {_seeds(g('diverged_total_off'))}",
@@ -493,10 +506,15 @@ def _interactions(doc: _Doc, ts: TaskStats) -> None:
     if ts.design == "fractional_factorial":
         doc.para(
             f"Fractional design 2^({len(ts.tricks)}−{ts.fraction}) of resolution "
-            f"**{ts.resolution}**; generators: {', '.join(f'`{g}`' for g in ts.defining_relation)}. Effects with "
-            "the same contrast are aliased (listed with each term); three-factor and higher interactions are "
-            "assumed negligible."
+            f"**{ts.resolution}** (minimum aberration); generators: "
+            f"{', '.join(f'`{g}`' for g in ts.defining_relation)}; defining relation: "
+            f"{', '.join(f'`{w}`' for w in ts.defining_words)} (words of length 3, 4, ...: "
+            f"{', '.join(str(a) for a in ts.word_length_pattern)}). Effects with the same contrast are aliased "
+            "(listed with each term); three-factor and higher interactions are assumed negligible."
         )
+        if ts.alias_structure:
+            aliases = "; ".join(f"`{a}`" for a in ts.alias_structure)
+            doc.para(f"Aliases among main effects and two-factor interactions: {aliases}.")
     doc.para(
         "Two-way interaction a×b = half the change of a's effect when b is switched on (±1 coding, per seed); "
         "positive and negative values are in the metric's units."
@@ -599,7 +617,7 @@ def terminal_summary(gdir: Path, stats: GridStats | None = None) -> str:
                     _frac(v["frac_improved"], v["n"]),
                     _g(v["time_ratio"]),
                     _g(v["memory_ratio"]),
-                    _seeds(v["seeds_needed"]),
+                    _seeds_range(v),
                 ]
             )
     damaged = (
@@ -612,5 +630,8 @@ def terminal_summary(gdir: Path, stats: GridStats | None = None) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("effect = on − off, paired by seed; † fewer than 6 seeds; seeds = needed for a verdict")
+    lines.append(
+        f"effect = on − off, paired by seed; {CONFIDENCE:.0%} t-interval († not calibrated); "
+        f"seeds = range needed for a verdict ({POWER:.0%} power)"
+    )
     return "\n".join(lines) + damaged

@@ -59,6 +59,9 @@ class LaunchPlan:
     overrides: tuple[str, ...] = ()
     selection: Selection = field(default_factory=Selection)
     grid_size: int | None = None
+    #: run_id -> the parts of the code that changed since it trained (finished or checkpointed runs)
+    stale: dict[str, list[str]] = field(default_factory=dict)
+    rerun_stale: bool = False
 
     def describe(self) -> str:
         counts: dict[str, int] = {}
@@ -67,10 +70,23 @@ class LaunchPlan:
         parts = [f"{n} {s}" for s, n in sorted(counts.items())]
         lines = [
             f"grid {self.spec.grid}: {len(self.cells)} runs ({', '.join(parts)}); "
-            f"{len(self.todo)} to train, {len(self.cells) - len(self.todo)} already finished"
+            f"{len(self.todo)} to train, {len(self.cells) - len(self.todo)} already finished or kept"
         ]
+        if self.stale:
+            changed = sorted({p for parts in self.stale.values() for p in parts})
+            lines.append(
+                f"{len(self.stale)} runs were trained by other code than this ({'; '.join(changed)} changed): "
+                + (
+                    "moved aside to stale/ and trained again (--rerun-stale)"
+                    if self.rerun_stale
+                    else "kept as they are, not resumed, and marked in the report; `bench run --rerun-stale` "
+                    "trains them again"
+                )
+            )
         if self.overrides:
             lines.append("overrides: " + " ".join(self.overrides))
+        if self.spec.design == "fractional_factorial":
+            lines += [design_lines(t.label, list(t.tricks), self.spec.fraction) for t in self.spec.tasks if t.tricks]
         if not self.selection.empty:
             lines.append(
                 f"selection {self.selection.describe()}: {len(self.cells)} of the grid's {self.grid_size} runs "
@@ -83,12 +99,30 @@ class LaunchPlan:
         return {t.label: list(t.tricks) for t in self.spec.tasks}
 
 
+def design_lines(label: str, tricks: list[str], fraction: int) -> str:
+    """What a fractional factorial of ``tricks`` confounds: resolution, generators, defining relation, aliases."""
+    from bench.designs import fractional_design
+
+    d = fractional_design(len(tricks), fraction)
+    aliases = d.alias_labels(tricks)
+    return (
+        f"{label}: fractional factorial 2^({len(tricks)}-{fraction}) = {len(d.rows)} arms, resolution {d.resolution}"
+        f"; generators {'; '.join(d.generator_labels(tricks))}; defining relation {', '.join(d.word_labels(tricks))}"
+        + (
+            f"; aliased: {'; '.join(aliases)}"
+            if aliases
+            else "; no main effect or two-trick interaction aliased with another"
+        )
+    )
+
+
 def plan(
     spec_path: str | Path,
     results_root: Path,
     overrides: Sequence[str] = (),
     selection: Selection | None = None,
     max_runs: int = DEFAULT_MAX_RUNS,
+    rerun_stale: bool = False,
 ) -> LaunchPlan:
     """Validate the spec with its overrides and work out what to train; raises SpecError / ValueError, writes nothing.
 
@@ -101,19 +135,58 @@ def plan(
         raw = apply_overrides(raw, parsed, source=str(spec_path))
     source = f"{spec_path} with overrides" if parsed else str(spec_path)
     spec = parse_spec(raw, source=source, max_runs=max_runs)
-    return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection())
+    return plan_for(spec, results_root, (*recorded, *overrides), selection or Selection(), rerun_stale=rerun_stale)
 
 
 def plan_for(
-    spec: GridSpec, results_root: Path, overrides: Sequence[str] = (), selection: Selection | None = None
+    spec: GridSpec,
+    results_root: Path,
+    overrides: Sequence[str] = (),
+    selection: Selection | None = None,
+    rerun_stale: bool = False,
 ) -> LaunchPlan:
+    """What a launch of validated ``spec`` trains: its cells (or a selection), minus those finished — and
+    minus those trained by other code, unless ``rerun_stale`` (then they are trained again)."""
     selection = selection or Selection()
     grid = expand(spec)
     cells = select_cells(grid, spec, selection)
     gdir = store.grid_dir(results_root, spec.grid)
     status = {c.run_id: store.run_status(store.run_dir(results_root, spec.grid, c.run_id)) for c in cells}
-    todo = [c for c in cells if status[c.run_id] not in store.RunStatus.FINISHED]
-    return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid))
+    stale = stale_runs(cells, results_root, status)
+    todo = [
+        c
+        for c in cells
+        if (status[c.run_id] not in store.RunStatus.FINISHED and c.run_id not in stale)
+        or (rerun_stale and c.run_id in stale)
+    ]
+    return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid), stale, rerun_stale)
+
+
+def stale_runs(cells: Sequence[Cell], results_root: Path, status: dict[str, str]) -> dict[str, list[str]]:
+    """Finished or checkpointed runs whose recorded code fingerprint differs from today's code.
+
+    run_id -> the parts that changed (``bench.fingerprint.stale_parts``). Fingerprints are computed once
+    per (task, tricks) combination; a run without a readable ``config.json`` is left to the integrity
+    checks (it is damaged, not stale).
+    """
+    from bench.fingerprint import run_fingerprint, stale_parts
+
+    current: dict[tuple[str, tuple[str, ...]], dict] = {}
+    out: dict[str, list[str]] = {}
+    for c in cells:
+        if status[c.run_id] not in (*store.RunStatus.FINISHED, store.RunStatus.PARTIAL):
+            continue
+        try:
+            recorded = store.read_json(store.run_dir(results_root, c.grid, c.run_id) / store.CONFIG).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        key = (c.config["task"], tuple(sorted(c.config["tricks"])))
+        if key not in current:
+            current[key] = run_fingerprint(c.config)
+        parts = stale_parts(recorded, current[key])
+        if parts:
+            out[c.run_id] = parts
+    return out
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -148,5 +221,5 @@ def grid_cells(gdir: Path) -> tuple[GridSpec, list[Cell]]:
     if not path.exists():
         raise FileNotFoundError(f"{gdir} is not a launched grid (no grid.yaml); run `bench run SPEC` first")
     raw, _recorded = split_record(load_yaml(path))
-    spec = parse_spec(raw, source=str(path))
+    spec = GridSpec.from_resolved(raw, source=str(path))  # resolved at launch: no registry, no torch
     return spec, expand(spec)

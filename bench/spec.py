@@ -161,6 +161,36 @@ class GridSpec:
             },
         }
 
+    @classmethod
+    def from_resolved(cls, data: Any, source: str = "grid.yaml") -> GridSpec:
+        """A grid from a stored resolved spec (:meth:`to_dict`'s output), trusted as resolved: nothing is
+        re-validated against the registries, so reading a launched grid imports neither them nor torch.
+
+        Raises :class:`SpecError` when the structure is not that of a stored spec (a damaged file).
+        """
+        try:
+            tasks = tuple(
+                TaskSpec(
+                    label=str(label),
+                    task=str(block.get("task", label)),
+                    params=dict(block["params"]),
+                    train=dict(block["train"]),
+                    tricks={str(k): dict(v or {}) for k, v in block["tricks"].items()},
+                )
+                for label, block in data["tasks"].items()
+            )
+            return cls(
+                grid=str(data["grid"]),
+                design=str(data["design"]),
+                seeds=tuple(int(s) for s in data["seeds"]),
+                tasks=tasks,
+                description=str(data.get("description", "")),
+                fraction=int(data.get("fraction", 0)),
+                wandb=dict(data.get("wandb") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SpecError([f"not a stored resolved spec ({type(exc).__name__}: {exc})"], source) from None
+
 
 def load_spec(path: str | Path, max_runs: int = DEFAULT_MAX_RUNS) -> GridSpec:
     """Read and validate a YAML grid spec. Raises :class:`SpecError`; writes nothing.

@@ -2,8 +2,10 @@
 
 Called by the reports (``bench/report.py``) once runs are stored; reads only the frames of
 ``bench.store`` and the grid's stored spec, and never trains anything. The functions near
-the top are pure (arrays in, numbers out) and are what the calibration tests exercise; the
-ones at the bottom assemble them into one :class:`TaskStats` per task of a grid.
+the top are pure (arrays in, numbers out) and are what tests/test_calibration.py exercises;
+the ones at the bottom assemble them into one :class:`TaskStats` per task of a grid. Grids
+run adaptively (``bench run --until-decisive``) are judged by :mod:`bench.sequential`
+instead: the fixed-n test and interval here are not valid after data-dependent stopping.
 
 Conventions (written into every report):
 
@@ -13,27 +15,40 @@ Conventions (written into every report):
   ``(2/N)·Σ_arms x_t·y`` (= mean over arms with t on − mean over arms with t off), which is
   the least-squares main effect with seed as a blocking factor. Two-way interactions use
   ``x_a·x_b``: half the change of a's effect when b is switched on.
-- **CI**: bootstrap over seeds of the mean difference (``scipy.stats.bootstrap``, BCa, 10k
-  resamples; percentile when BCa is degenerate). Small samples make every bootstrap
-  interval too narrow (≈90% actual coverage for a nominal 95% at n = 10, see
-  tests/test_stats.py), so the level is *expanded* as Hesterberg (2015, "What teachers
-  should know about the bootstrap", The American Statistician 69(4)) recommends: the
-  bootstrap is asked for level 1 − 2·Φ(−√(n/(n−1))·t_{n−1,0.975}) (0.983 at n = 10),
-  which brings coverage to ≈95% for near-normal differences. No bootstrap interval can be
-  wider than the range of the data, which covers the mean with probability ≤ 1 − 2^{1−n}
-  (75% at n = 3, 94% at n = 5): intervals from fewer than 6 seeds are flagged.
-- **p**: exact paired sign-flip permutation test of the mean difference
-  (``scipy.stats.permutation_test``, ``permutation_type="samples"``; Monte Carlo with 10k
-  sign patterns beyond 13 seeds), two-sided; **Holm** across the tricks of a task, per
-  metric (Benjamini–Hochberg q-values are given beside). The smallest attainable p is
-  2/2^n, so a verdict needs ≥ 6 seeds with one trick, more with several.
+- **Interval and test**: the paired **t-interval** of the mean difference and the paired
+  **t-test** it inverts (``scipy.stats.ttest_1samp``), so a verdict and its interval never
+  disagree: p < α exactly when the (1 − α) interval excludes 0, and p(Holm) ≥ p. Chosen by
+  calibration (tests/test_calibration.py, 20,000 simulated families per cell): over five
+  data shapes (normal, t₃, lognormal metric, skewed differences, rare outlier runs) at 2, 3,
+  5, 10 and 20 seeds it covers 93.9–96.6 % (nominal 95 %). The interval shipped before,
+  BCa bootstrap at a level expanded for small n, covered 72–76 % at 3 seeds and 88.5–94.8 %
+  at 5–20 seeds on the same shapes (``python -m tests.test_calibration``): a bootstrap
+  interval cannot be wider than the data and treats n values as the population; the
+  percentile and BCa variants share that fault at n ≤ 20, and a bootstrap-t (studentized)
+  interval, the bootstrap that can reach nominal coverage, is erratic at 5 seeds and costs
+  10⁴ resamples per family, too slow to keep calibrating in CI. Known limits (printed by the
+  same command): strongly skewed differences (skewness 2, exponential) cover 88–92 %; frequent
+  large outliers (5 % of runs 10σ off) over-cover (96–98 %, conservative).
+  The **sign-flip permutation p** (exact for symmetric differences) is reported beside.
+  **Holm** adjusts p across the tricks of a task, per metric (Benjamini–Hochberg q beside).
+- **Verdict** (primary metric): helps / hurts when p(Holm) < α (the interval then excludes 0
+  on that side); no detectable effect when not significant *and* the 95 % interval of the
+  effect size d_z = mean / sd of the differences lies within ±0.5 (any effect is small next
+  to the seed noise; an equivalence claim, not a failure to reject); otherwise needs more
+  seeds, with the reason (too few seeds for a test, or inconclusive) and a seeds-needed
+  interval (see :func:`seeds_needed_interval`).
 - **Diverged runs** have no final metric: a pair (or factorial block) with a diverged run
-  is excluded from metric effects and counted; divergence is its own outcome (rates and a
-  paired test on the 0/1 indicators).
+  is excluded from metric effects and counted; divergence is its own outcome (rates and an
+  exact sign-flip test on the 0/1 indicators).
+- **Stability spread ratio**: Gini mean difference across seeds with the trick on / off,
+  with a jackknife interval of the log ratio and an exact swap test (see :func:`spread_ratio`).
+- **Cost ratio**: geometric mean of per-seed on/off ratios, the t-interval of the mean log
+  ratio exponentiated (the same calibrated interval on log values).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -42,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import optimize as spo
 from scipy import stats as sps
 
 from bench import store
@@ -49,26 +65,34 @@ from bench import store
 __all__ = [
     "ALPHA",
     "MIN_EFFECT_SIZE",
+    "MIN_TEST_SEEDS",
     "N_RESAMPLES",
     "POWER",
     "Effect",
     "GridStats",
+    "SpreadRatio",
     "TaskStats",
     "Term",
     "Verdict",
     "analyze_grid",
     "analyze_task",
     "benjamini_hochberg",
-    "bootstrap_ratio_ci",
     "design_terms",
-    "expanded_level",
+    "dz_interval",
+    "gini_spread_interval",
     "holm",
     "interaction_terms",
     "metric_direction",
     "min_seeds_for_significance",
     "paired_effect",
+    "paired_t",
     "seed_matrix",
     "seeds_needed",
+    "seeds_needed_interval",
+    "spread_ratio",
+    "swap_patterns",
+    "swap_test_p",
+    "t_test_power",
     "term_effect",
     "verdict",
 ]
@@ -76,11 +100,23 @@ __all__ = [
 ALPHA = 0.05  # significance level of verdicts (after Holm)
 CONFIDENCE = 0.95  # level of every interval
 POWER = 0.8  # power assumed when saying how many seeds a verdict needs
-N_RESAMPLES = 10_000  # bootstrap resamples and Monte Carlo sign patterns
+N_RESAMPLES = 10_000  # Monte Carlo sign patterns of the sign-flip p beyond 13 seeds
 MIN_EFFECT_SIZE = 0.5  # |mean| / sd of the paired differences (Cohen's d_z) that counts as "practically large"
-MIN_RELIABLE_CI_SEEDS = 6  # below this no bootstrap interval can reach 95% coverage (1 − 2^{1−n} < 0.95)
+#: fewest seeds for a paired t-test and interval (one needs an sd); tests/test_calibration.py measures the
+#: interval's coverage from here on: 93.9–96.6 % at 2, 3, 5, 10, 20 seeds over the five data shapes
+MIN_TEST_SEEDS = 2
+MIN_RELIABLE_CI_SEEDS = MIN_TEST_SEEDS  # older name (report, plots): intervals from fewer seeds are flagged
+MIN_SPREAD_SEEDS = 3  # the spread ratio's jackknife interval needs 3 seeds (leave-one-out keeps a pair)
+SEEDS_NEEDED_CONFIDENCE = 0.8  # level of the d_z interval that the seeds-needed range is read from
+MAX_SEEDS_NEEDED = 100_000  # beyond this a seeds-needed bound is reported as ∞
 STATS_SEED = 20_240_601  # fixed: the same stored runs always give the same numbers
 MIN_MEASURED_MEMORY_MB = 1.0  # CPU peaks are sampled RSS growth in pages: smaller readings are noise, not cost
+COST_CI_LABEL = f"geometric mean of per-seed ratios, {CONFIDENCE:.0%} t-interval of the mean log ratio"
+CI_LABELS = {
+    "t": "t-interval",
+    "exact": "exact (every seed gave the same difference)",
+    "none": "none",
+}
 
 #: primary-metric-independent stability columns of result.json and their direction
 STABILITY_METRICS = {
@@ -103,10 +139,10 @@ class Effect:
     mean: float  # mean difference, in the metric's units
     ci_low: float
     ci_high: float
-    ci_method: str  # "BCa", "percentile", "exact" (all differences equal) or "none" (n < 3)
-    ci_level: float  # the level the bootstrap was asked for (expanded above 0.95 for small n)
-    p: float  # two-sided sign-flip permutation p-value; nan when n < 2
-    p_exact: bool  # all 2^n sign patterns enumerated
+    ci_method: str  # "t" (paired t-interval), "exact" (all differences equal) or "none" (n < 2)
+    ci_level: float  # nominal level of the interval (nan without one)
+    p: float  # two-sided paired t-test p (the test the interval inverts); nan when n < 2
+    p_signflip: float  # two-sided sign-flip permutation p (exact under symmetric differences); nan when n < 2
     sd: float  # std of the differences (ddof=1); nan when n < 2
     frac_improved: float  # fraction of seeds where "on" is better; nan when the direction is unknown
     higher_is_better: bool | None
@@ -119,31 +155,72 @@ class Effect:
         return self.mean if self.higher_is_better else -self.mean
 
     @property
+    def dz(self) -> float:
+        """Standardized effect d_z = mean / sd of the differences (±inf with no spread, nan when undefined)."""
+        if self.n < 2 or not math.isfinite(self.sd):
+            return float("nan")
+        if self.sd == 0:
+            return 0.0 if self.mean == 0 else math.copysign(math.inf, self.mean)
+        return self.mean / self.sd
+
+    @property
+    def test_possible(self) -> bool:
+        """Enough seeds for the paired t-test (and its interval) at all."""
+        return self.n >= MIN_TEST_SEEDS
+
+    @property
+    def ci_calibrated(self) -> bool:
+        """True when the interval's coverage was measured at this seed count (tests/test_calibration.py)."""
+        return self.ci_method == "t" and self.n >= MIN_TEST_SEEDS
+
+    @property
     def ci_reliable(self) -> bool:
-        """False when too few seeds for a bootstrap interval to reach its nominal coverage."""
-        return self.n >= MIN_RELIABLE_CI_SEEDS
+        """Older name of :attr:`ci_calibrated`."""
+        return self.ci_calibrated or self.ci_method == "exact"
+
+    @property
+    def ci_label(self) -> str:
+        """What the interval is, for a report: '95% t-interval', 'exact (...)' or 'none'."""
+        if self.ci_method == "t":
+            return f"{self.ci_level:.0%} {CI_LABELS['t']}"
+        return CI_LABELS.get(self.ci_method, self.ci_method)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {
+            "dz": self.dz,
+            "test_possible": self.test_possible,
+            "ci_calibrated": self.ci_calibrated,
+            "ci_label": self.ci_label,
+        }
 
 
-def _mean_stat(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(x, axis=axis)
+def paired_t(
+    diffs: np.ndarray, confidence: float = CONFIDENCE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Paired t-interval and two-sided t-test of the mean, vectorized over leading axes.
 
-
-def expanded_level(n: int, confidence: float = CONFIDENCE) -> float:
-    """The bootstrap level that gives ≈``confidence`` coverage of a mean from ``n`` values (Hesterberg 2015).
-
-    1 − 2·Φ(−√(n/(n−1))·t_{n−1,(1+c)/2}): the percentile/BCa bootstrap of a mean behaves like a
-    z-interval with the biased (÷n) standard deviation; this level turns it into the t-interval's
-    width. Tends to ``confidence`` as n grows.
+    ``diffs``: (..., n) per-seed differences, n ≥ 2, finite. Returns (mean, low, high, p),
+    each of shape (...). With no spread the interval is the point and p is 0 (or 1 when the
+    mean is 0). This is the interval and test of every paired effect; the calibration suite
+    calls it on 20,000 families at once.
     """
-    if n < 2:
-        raise ValueError(f"n: {n} is not allowed; allowed: at least 2 values")
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.shape[-1] < 2:
+        raise ValueError(f"diffs: {d.shape[-1]} values per sample is not allowed; allowed: at least 2")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence: {confidence} is not allowed; allowed: 0 < confidence < 1")
-    t = sps.t.ppf((1 + confidence) / 2, n - 1)
-    return float(1 - 2 * sps.norm.sf(math.sqrt(n / (n - 1)) * t))
+    mean = d.mean(axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nearly identical values: scipy warns about precision, the result is right
+        res = sps.ttest_1samp(d, 0.0, axis=-1)
+        ci = res.confidence_interval(confidence)
+    low, high, p = np.asarray(ci.low, float), np.asarray(ci.high, float), np.asarray(res.pvalue, float)
+    flat = np.all(d == d[..., :1], axis=-1)  # every value equal (a computed sd may be rounding noise)
+    if np.any(flat):
+        first = d[..., 0]
+        mean = np.where(flat, first, mean)
+        low, high, p = np.where(flat, first, low), np.where(flat, first, high), np.where(flat, (first == 0) * 1.0, p)
+    return mean, low, high, p
 
 
 def paired_effect(
@@ -152,54 +229,45 @@ def paired_effect(
     *,
     confidence: float = CONFIDENCE,
     n_resamples: int = N_RESAMPLES,
-    method: str = "BCa",
-    expand: bool = True,
     seed: int = STATS_SEED,
 ) -> Effect:
-    """Mean, bootstrap CI, sign-flip permutation p and fraction improved of per-seed differences.
+    """Mean, t-interval, t-test p, sign-flip p and fraction improved of per-seed differences.
 
     ``diffs`` are on − off, one per seed, all finite (drop diverged pairs first).
-    ``method``: "BCa" (falls back to "percentile" when BCa is degenerate) or "percentile".
-    ``expand``: widen the bootstrap level for small n (see :func:`expanded_level`); switch off
-    only to study the plain bootstrap. Deterministic in ``seed``.
+    ``n_resamples`` sign patterns are drawn for the sign-flip p beyond 13 seeds (exact below);
+    deterministic in ``seed``.
     """
     d = np.asarray(diffs, dtype=np.float64).ravel()
     if not np.all(np.isfinite(d)):
         raise ValueError(f"diffs: {d.tolist()} has non-finite values; allowed: finite values (exclude diverged pairs)")
-    if method not in ("BCa", "percentile"):
-        raise ValueError(f"method: {method!r} is not allowed; allowed: 'BCa' or 'percentile'")
     if n_resamples < 100:
         raise ValueError(f"n_resamples: {n_resamples} is not allowed; allowed: at least 100")
     n = len(d)
     nan = float("nan")
     if n == 0:
-        return Effect(0, nan, nan, nan, "none", nan, nan, False, nan, nan, higher_is_better)
+        return Effect(0, nan, nan, nan, "none", nan, nan, nan, nan, nan, higher_is_better)
     mean = float(d.mean())
     if higher_is_better is None:
         frac = nan
     else:
         frac = float(np.mean(d > 0) if higher_is_better else np.mean(d < 0))
     if n == 1:
-        return Effect(1, mean, nan, nan, "none", nan, nan, False, nan, frac, higher_is_better)
-    sd = float(d.std(ddof=1))
-    rng = np.random.default_rng(seed)
-    p, exact = _sign_flip_p(d, n_resamples, rng)
-    level = min(expanded_level(n, confidence), 1 - 1e-9) if expand else confidence
-    if n < 3:  # a bootstrap of 2 values has 3 distinct means: no interval worth printing
-        lo = hi = nan
-        used = "none"
-    elif np.all(d == d[0]):
-        lo = hi = mean
-        used = "exact"
-    else:
-        lo, hi, used = _bootstrap_mean_ci(d, level, n_resamples, method, rng)
-    return Effect(n, mean, lo, hi, used, level, p, exact, sd, frac, higher_is_better)
+        return Effect(1, mean, nan, nan, "none", nan, nan, nan, nan, frac, higher_is_better)
+    method = "exact" if np.all(d == d[0]) else "t"
+    sd = float(d.std(ddof=1)) if method == "t" else 0.0
+    mean, lo, hi, p = (float(x) for x in paired_t(d, confidence))
+    p_sign = _sign_flip_p(d, n_resamples, np.random.default_rng(seed))
+    return Effect(n, mean, lo, hi, method, confidence, p, p_sign, sd, frac, higher_is_better)
 
 
-def _sign_flip_p(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> tuple[float, bool]:
+def _mean_stat(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _sign_flip_p(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> float:
     """Two-sided paired permutation p-value of the mean: the null flips the sign of each difference."""
     if np.all(d == 0):
-        return 1.0, True
+        return 1.0
     res = sps.permutation_test(
         (d,),
         _mean_stat,
@@ -209,68 +277,132 @@ def _sign_flip_p(d: np.ndarray, n_resamples: int, rng: np.random.Generator) -> t
         alternative="two-sided",
         rng=rng,
     )
-    return float(min(1.0, res.pvalue)), bool(2 ** len(d) <= n_resamples)
+    return float(min(1.0, res.pvalue))
 
 
-def _bootstrap_mean_ci(
-    d: np.ndarray, level: float, n_resamples: int, method: str, rng: np.random.Generator
-) -> tuple[float, float, str]:
-    for m in (method, "percentile") if method == "BCa" else (method,):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # BCa on degenerate data warns and returns nan: we fall back
-            res = sps.bootstrap(
-                (d,),
-                _mean_stat,
-                n_resamples=n_resamples,
-                vectorized=True,
-                confidence_level=level,
-                method=m,
-                rng=rng,
-            )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(lo) and math.isfinite(hi):
-            return lo, hi, m
-    return float("nan"), float("nan"), "none"
+@dataclass(frozen=True)
+class SpreadRatio:
+    """Across-seed spread with the trick on / off, its interval and an exact test (see :func:`spread_ratio`)."""
+
+    ratio: float
+    low: float
+    high: float
+    n: int  # seeds
+    p: float  # exact within-seed swap permutation p of "the trick leaves the spread alone" (one arm a side; else nan)
+    method: str  # "jackknife" or "none" (fewer than MIN_SPREAD_SEEDS seeds, or no spread in an arm)
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "none"
+        return f"{CONFIDENCE:.0%} jackknife t-interval of the log ratio of Gini mean differences"
+
+    @property
+    def changed(self) -> bool:
+        """A change of spread is claimed: the interval excludes 1 and (one arm a side) the exact swap test agrees."""
+        if not (math.isfinite(self.low) and (self.low > 1 or self.high < 1)):
+            return False
+        return not math.isfinite(self.p) or self.p < ALPHA
 
 
-def bootstrap_ratio_ci(
-    on: np.ndarray,
-    off: np.ndarray,
-    *,
-    confidence: float = CONFIDENCE,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = STATS_SEED,
-) -> tuple[float, float, float]:
-    """Across-seed spread ratio sqrt(mean var(on arms) / mean var(off arms)) with a percentile CI.
+def gini_spread_interval(
+    on: np.ndarray, off: np.ndarray, confidence: float = CONFIDENCE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spread ratio on / off and its jackknife t-interval, vectorized over leading axes.
 
-    ``on``/``off``: seeds × arms matrices of the same seeds (rows paired). The seeds (rows) are
-    resampled jointly, keeping the pairing. Returns (ratio, low, high); nan where undefined
-    (fewer than 3 seeds, or no spread in the off arms).
+    ``on``, ``off``: (..., n, arms) values of the same n seeds (rows paired), n ≥ 3. The spread
+    of an arm is its Gini mean difference (mean |y_s − y_t| over pairs of seeds: no estimated
+    centre, finite variance whenever the metric has one), averaged over the arms of a side.
+    The interval is exp(log ratio ± t_{n−1}·se) with se the leave-one-seed-out jackknife
+    standard error of the log ratio. Returns (ratio, low, high); nan where an arm has no spread.
     """
-    on, off = np.atleast_2d(np.asarray(on, float).T).T, np.atleast_2d(np.asarray(off, float).T).T
+    on, off = np.asarray(on, np.float64), np.asarray(off, np.float64)
+    n = on.shape[-2]
+    if n < 3:
+        raise ValueError(f"on/off: {n} seeds is not allowed; allowed: at least 3")
+
+    def sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # Σ_{s,t} |x_s − x_t| and its row sums, per arm
+        d = np.abs(x[..., :, None, :] - x[..., None, :, :])  # (..., n, n, arms)
+        rows = d.sum(axis=-2)  # (..., n, arms)
+        return rows.sum(axis=-2), rows
+
+    (s_on, r_on), (s_off, r_off) = sums(on), sums(off)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        full = np.log(s_on.mean(-1) / s_off.mean(-1))  # the pair counts cancel in the ratio
+        loo = np.log((s_on[..., None, :] - 2 * r_on).mean(-1) / (s_off[..., None, :] - 2 * r_off).mean(-1))
+        se = np.sqrt((n - 1) / n * ((loo - loo.mean(-1, keepdims=True)) ** 2).sum(-1))
+        half = sps.t.ppf((1 + confidence) / 2, n - 1) * se
+        return np.exp(full), np.exp(full - half), np.exp(full + half)
+
+
+def swap_test_p(on: np.ndarray, off: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """Permutation p of |log Gini(on) / Gini(off)| over within-seed swaps of the two arms, vectorized.
+
+    ``on``, ``off``: (..., n) one arm a side; ``patterns``: (B, n) 0/1 swap patterns. With all
+    2^n patterns the p is exact when the trick does not change the arm's distribution (the two
+    runs of a seed are then exchangeable), whatever the shape of the data.
+    """
+    on, off = np.asarray(on, np.float64), np.asarray(off, np.float64)
+    x = 1.0 - np.asarray(patterns, np.float64)  # 1 = keep
+    y = 1.0 - x
+    dist = {
+        (a, b): np.abs(u[..., :, None] - v[..., None, :])
+        for (a, u), (b, v) in itertools.product((("on", on), ("off", off)), repeat=2)
+    }
+
+    def quad(p: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:  # p_s m_st q_t summed, per pattern
+        return np.einsum("bs,...st,bt->...b", p, m, q)
+
+    g_on = quad(x, dist["on", "on"], x) + quad(y, dist["off", "off"], y) + 2 * quad(x, dist["on", "off"], y)
+    g_off = quad(y, dist["on", "on"], y) + quad(x, dist["off", "off"], x) + 2 * quad(y, dist["on", "off"], x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = np.abs(np.log(g_on / g_off))
+        observed = np.abs(np.log(dist["on", "on"].sum((-1, -2)) / dist["off", "off"].sum((-1, -2))))
+    return np.mean(stat >= observed[..., None] * (1 - 1e-12), axis=-1)
+
+
+def swap_patterns(n: int, max_patterns: int = 4096, seed: int = STATS_SEED) -> np.ndarray:
+    """All 2^n within-seed swap patterns (exact) up to ``max_patterns``, else that many random ones plus identity."""
+    if 2**n <= max_patterns:
+        return ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    return np.vstack([np.zeros((1, n)), rng.integers(0, 2, size=(max_patterns - 1, n))]).astype(np.float64)
+
+
+def spread_ratio(on: np.ndarray, off: np.ndarray, *, confidence: float = CONFIDENCE) -> SpreadRatio:
+    """Ratio of across-seed spreads, on / off, with its interval and (one arm a side) an exact test.
+
+    ``on``/``off``: seeds × arms matrices (or 1-D for one arm each) of the same seeds. The
+    spread of an arm is its Gini mean difference across seeds (mean |y_s − y_t|; for normal
+    metrics √2·2/√π·sd, so the ratio is the ratio of standard deviations), averaged over the
+    arms of a side. The interval (:func:`gini_spread_interval`) covers 94.2–96.1 % over the
+    additive shapes of tests/test_calibration.py at 3–20 seeds (91.4–95.4 % with a
+    multiplicative, lognormal seed factor; the bootstrap of the sd ratio shipped before covered
+    71–93 %); a variance ratio's interval needs the fourth moment (Pitman–Morgan covered 64–89 %
+    on t₃ and outlier data). With one arm a side, ``p`` is the exact within-seed swap test
+    (:func:`swap_test_p`; all 2^n patterns up to 12 seeds, 4,096 random ones beyond) and
+    :attr:`SpreadRatio.changed` needs both, so "spread changed" is claimed in at most α of grids
+    where the trick changes nothing, whatever the data's shape; its smallest p is 2/2^n, so a
+    change can be claimed from 6 seeds on.
+    """
+    on = np.asarray(on, dtype=np.float64)
+    off = np.asarray(off, dtype=np.float64)
+    on, off = (x[:, None] if x.ndim == 1 else x for x in (on, off))
     if on.shape[0] != off.shape[0]:
         raise ValueError(f"on/off: {on.shape[0]} and {off.shape[0]} seeds; allowed: the same seeds (paired rows)")
     n = on.shape[0]
     nan = float("nan")
     if n < 2:
-        return nan, nan, nan
-
-    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        va, vb = a.var(axis=-2, ddof=1).mean(axis=-1), b.var(axis=-2, ddof=1).mean(axis=-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.sqrt(va / vb)
-
-    point = float(ratio(on, off))
-    if n < 3 or not math.isfinite(point):
-        return point, nan, nan
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    boot = ratio(on[idx], off[idx])
-    boot = boot[np.isfinite(boot)]  # resamples that drew one seed n times have no spread at all
-    if len(boot) < n_resamples // 2:
-        return point, nan, nan
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(boot, [a, 1 - a])
-    return point, float(lo), float(hi)
+        return SpreadRatio(nan, nan, nan, n, nan, "none")
+    if n < MIN_SPREAD_SEEDS:
+        g_on = np.abs(on[0] - on[1]).mean()
+        g_off = np.abs(off[0] - off[1]).mean()
+        return SpreadRatio(float(g_on / g_off) if g_off > 0 else nan, nan, nan, n, nan, "none")
+    ratio, low, high = (float(v) for v in gini_spread_interval(on, off, confidence))
+    p = nan
+    if on.shape[1] == 1 and off.shape[1] == 1:
+        p = float(swap_test_p(on[:, 0], off[:, 0], swap_patterns(n)))
+    return SpreadRatio(ratio, low, high, n, p, "jackknife" if math.isfinite(low) else "none")
 
 
 def holm(pvalues: np.ndarray | list[float]) -> np.ndarray:
@@ -302,13 +434,31 @@ def benjamini_hochberg(pvalues: np.ndarray | list[float]) -> np.ndarray:
     return out
 
 
-def seeds_needed(sd_diff: float, effect: float, *, alpha: float = ALPHA, power: float = POWER, m: int = 1) -> float:
-    """Seeds for a paired test to detect ``effect`` at noise ``sd_diff``: (z_{1−α/(2m)} + z_{power})²·σ_d²/Δ².
+# --- power and seeds needed --------------------------------------------------------------------------------------
+def t_test_power(n: int | np.ndarray, dz: float, alpha: float = ALPHA) -> np.ndarray | float:
+    """Power of the two-sided paired t-test at level ``alpha`` with n seeds when the true d_z is ``dz``.
 
-    With m = 1, α = 0.05, power 0.8 this is 7.85·σ_d²/Δ² (the unpaired two-arm version is
-    15.7·σ²/Δ² per arm; pairing replaces σ² by σ_d² = 2σ²(1−ρ)). ``m`` > 1 uses the
-    Bonferroni level α/m, the strictest step of Holm over m tricks. Returns a whole number of
-    seeds (ceil), ``inf`` when the effect is 0, 0 when there is no noise at all.
+    Exact under normal differences: the t statistic is noncentral t with n − 1 degrees of
+    freedom and noncentrality d_z·√n (``scipy.stats.nct``).
+    """
+    n_arr = np.asarray(n, dtype=np.float64)
+    if np.any(n_arr < 2):
+        raise ValueError(f"n: {n} is not allowed; allowed: at least 2 seeds")
+    df = n_arr - 1
+    crit = sps.t.isf(alpha / 2, df)
+    nc = abs(dz) * np.sqrt(n_arr)
+    power = sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
+    return float(power) if np.ndim(power) == 0 else power
+
+
+def seeds_needed(sd_diff: float, effect: float, *, alpha: float = ALPHA, power: float = POWER, m: int = 1) -> float:
+    """Fewest seeds at which a paired t-test at level α/m detects ``effect`` with probability ``power``.
+
+    The true standardized effect is d_z = effect / sd_diff; the power is the noncentral-t power
+    of :func:`t_test_power` (not a normal approximation, which undercounts at few seeds). ``m``
+    > 1 uses the Bonferroni level α/m, the strictest step of Holm over m tricks. Returns a whole
+    number ≥ 2, ``inf`` when the effect is 0 or more than 100,000 seeds would be needed,
+    :data:`MIN_TEST_SEEDS` when there is no noise at all, nan for non-finite input.
     """
     if not 0 < alpha < 1 or not 0 < power < 1 or m < 1:
         raise ValueError(f"alpha={alpha}, power={power}, m={m}; allowed: 0 < alpha < 1, 0 < power < 1, m ≥ 1")
@@ -316,28 +466,138 @@ def seeds_needed(sd_diff: float, effect: float, *, alpha: float = ALPHA, power: 
         return float("nan")
     if effect == 0:
         return float("inf")
-    z = sps.norm.ppf(1 - alpha / (2 * m)) + sps.norm.ppf(power)
-    return float(math.ceil(z**2 * sd_diff**2 / effect**2))
+    if sd_diff == 0:
+        return float(MIN_TEST_SEEDS)
+    return _seeds_for_dz(abs(effect) / abs(sd_diff), alpha / m, power)
+
+
+def _seeds_for_dz(dz: float, level: float, power: float) -> float:
+    if dz <= 0:
+        return float("inf")
+    if t_test_power(MAX_SEEDS_NEEDED, dz, level) < power:
+        return float("inf")
+    # the t-test needs a few seeds more than the normal approximation (z_{1−level/2} + z_power)² / d_z²:
+    # try the 12 counts from there in one vectorized call, then fall back to a doubling search
+    n_z = (sps.norm.isf(level / 2) + sps.norm.ppf(power)) ** 2 / dz**2
+    start = max(MIN_TEST_SEEDS, math.floor(n_z))
+    counts = np.arange(start, min(start + 12, MAX_SEEDS_NEEDED + 1))
+    enough = np.flatnonzero(np.asarray(t_test_power(counts, dz, level)) >= power)
+    if len(enough) and (enough[0] > 0 or start == MIN_TEST_SEEDS):
+        return float(counts[enough[0]])
+    lo, hi = MIN_TEST_SEEDS, MIN_TEST_SEEDS
+    while t_test_power(hi, dz, level) < power:  # power grows with n: double, then bisect
+        lo, hi = hi, min(2 * hi, MAX_SEEDS_NEEDED)
+    if t_test_power(lo, dz, level) >= power:
+        return float(lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if t_test_power(mid, dz, level) >= power else (mid, hi)
+    return float(hi)
+
+
+def dz_interval(mean: float, sd: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Confidence interval of the true d_z from a sample: inverts the noncentral t of the t statistic.
+
+    With t = mean / (sd/√n) ~ nct(n − 1, d_z·√n), the bounds are the d_z at which t sits at
+    the (1 ± confidence)/2 quantiles. Exact under normal differences. (nan, nan) when n < 2 or
+    sd = 0.
+    """
+    if n < 2 or not math.isfinite(sd) or sd <= 0 or not math.isfinite(mean):
+        return float("nan"), float("nan")
+    t_obs = mean / (sd / math.sqrt(n))
+    df, rn = n - 1, math.sqrt(n)
+    tail = (1 - confidence) / 2
+
+    def bound(target: float) -> float:  # the d_z with P(T ≤ t_obs) = target; the cdf falls as d_z grows
+        f = lambda dz: _nct_cdf(t_obs, df, dz * rn) - target  # noqa: E731
+        lo, hi = t_obs / rn - 1.0, t_obs / rn + 1.0
+        while f(lo) < 0:
+            lo -= 2 * (hi - lo)
+        while f(hi) > 0:
+            hi += 2 * (hi - lo)
+        return float(spo.brentq(f, lo, hi, xtol=1e-10))
+
+    return bound(1 - tail), bound(tail)
+
+
+def _nct_cdf(t: float, df: float, nc: float) -> float:
+    """``scipy.stats.nct.cdf`` with its far tails (where it returns nan) filled in."""
+    value = float(sps.nct.cdf(t, df, nc))
+    if math.isnan(value):
+        value = float(sps.nct.sf(-t, df, -nc))  # T ~ nct(df, nc) ⇔ −T ~ nct(df, −nc)
+    if math.isnan(value):
+        value = 1.0 if t > nc else 0.0
+    return value
+
+
+def seeds_needed_interval(
+    effect: Effect,
+    *,
+    m: int = 1,
+    alpha: float = ALPHA,
+    power: float = POWER,
+    confidence: float = SEEDS_NEEDED_CONFIDENCE,
+) -> tuple[float, float]:
+    """Range of seeds a t-test at level α/m needs for ``power``, over the plausible true effect sizes.
+
+    The ``confidence`` interval of |d_z| (from :func:`dz_interval`; 80 % by default, i.e. the
+    10th–90th percentile range) is mapped through :func:`seeds_needed`: the low end of the
+    range is the seeds needed if the effect is as large as the data allow, the high end if it
+    is as small (∞ when |d_z| = 0 is plausible). Returns (nan, nan) when not informative: fewer
+    than 2 seeds, no spread, or when even the low end is at most the seeds already used while
+    the high end is ∞ (the data neither show the effect nor rule out that it is tiny).
+    """
+    nan = float("nan")
+    if effect.n < 2 or not math.isfinite(effect.sd) or effect.sd == 0:
+        return nan, nan
+    lo_dz, hi_dz = dz_interval(effect.mean, effect.sd, effect.n, confidence)
+    if lo_dz <= 0 <= hi_dz:
+        small, large = 0.0, max(abs(lo_dz), abs(hi_dz))
+    else:
+        small, large = sorted((abs(lo_dz), abs(hi_dz)))
+    low = _seeds_for_dz(large, alpha / m, power)
+    high = _seeds_for_dz(small, alpha / m, power) if small > 0 else float("inf")
+    if low <= effect.n and math.isinf(high):
+        return nan, nan
+    return low, high
 
 
 def min_seeds_for_significance(alpha: float = ALPHA, m: int = 1) -> int:
-    """Fewest seeds at which the exact sign-flip test can reach p < α/m at all (smallest p = 2/2^n)."""
+    """Fewest seeds at which the exact sign-flip test (reported beside the t-test) can reach p < α/m.
+
+    Its smallest p is 2/2^n. The verdicts use the t-test, which has no such floor.
+    """
     n = 1
     while 2.0 ** (1 - n) >= alpha / m:
         n += 1
     return n
 
 
+# --- verdicts ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verdict:
     """The verdict on one trick of one task."""
 
     label: str  # "helps" | "hurts" | "no detectable effect" | "needs more seeds"
     reason: str
-    seeds_needed: float  # seeds a conclusive answer would need (nan when the verdict is already conclusive)
+    seeds_needed: float  # seeds at the observed d_z (a point guess: print the interval); nan when conclusive
+    code: str = ""  # why: one of VERDICT_CODES
+    seeds_needed_low: float = float("nan")  # range of seeds needed (see seeds_needed_interval); nan: not informative
+    seeds_needed_high: float = float("nan")
+    dz_low: float = float("nan")  # the CONFIDENCE interval of d_z the equivalence rule reads
+    dz_high: float = float("nan")
 
 
 VERDICTS = ("helps", "hurts", "no detectable effect", "needs more seeds")
+#: reason codes of :class:`Verdict`, for reports that word them their own way
+VERDICT_CODES = {
+    "significant": "p(Holm) < α and the interval excludes 0",
+    "equivalent": "not significant, and the interval of d_z lies within ±MIN_EFFECT_SIZE",
+    "no_difference": "every seed gave exactly the same metric with and without the trick",
+    "inconclusive": "not significant, and the interval of d_z still allows a practically large effect",
+    "too_few_seeds": "fewer seeds than a test needs",
+    "disagree": "p(Holm) < α but the interval includes 0 (a p from another test was passed in)",
+}
 
 
 def verdict(
@@ -351,34 +611,47 @@ def verdict(
 ) -> Verdict:
     """The verdict rule (stated in every report).
 
-    - **helps / hurts**: Holm-adjusted p < α *and* the CI excludes 0 on the better / worse side.
-    - **needs more seeds**: otherwise, when the observed effect is practically large relative
-      to its noise (|mean| / sd ≥ ``min_effect_size``, i.e. Cohen's d_z ≥ 0.5), or fewer than 2
-      seeds were usable; the seeds needed are max(:func:`seeds_needed` at level α/m,
-      :func:`min_seeds_for_significance`).
-    - **no detectable effect**: otherwise (a small effect relative to the seed noise).
+    - **helps / hurts**: p(Holm) < α *and* the interval excludes 0 on the better / worse side
+      (with the t-test p and t-interval of :func:`paired_effect` the second follows from the first).
+    - **no detectable effect**: otherwise, when the ``CONFIDENCE`` interval of d_z lies within
+      ±``min_effect_size`` (or every seed gave exactly the same metric with and without).
+    - **needs more seeds**: otherwise; ``code`` says whether there were too few seeds for a
+      test (fewer than :data:`MIN_TEST_SEEDS`) or the data are inconclusive, and the
+      seeds-needed range of :func:`seeds_needed_interval` (at level α/m) is attached.
     """
     if effect.higher_is_better is None:
         raise ValueError("effect.higher_is_better: None is not allowed for a verdict; allowed: True or False")
-    floor = min_seeds_for_significance(alpha, m)
-    if effect.n < 2:
-        return Verdict("needs more seeds", f"{effect.n} usable seed(s): no test possible", float(floor))
+    nan = float("nan")
+    if not effect.test_possible:
+        return Verdict(
+            "needs more seeds",
+            f"too few seeds for a test: n ≥ {MIN_TEST_SEEDS} needed ({effect.n} usable)",
+            float(MIN_TEST_SEEDS),
+            "too_few_seeds",
+            float(MIN_TEST_SEEDS),
+            float("inf"),
+        )
     significant = math.isfinite(p_adjusted) and p_adjusted < alpha
     lo, hi = (effect.ci_low, effect.ci_high) if effect.higher_is_better else (-effect.ci_high, -effect.ci_low)
+    ci = f"{effect.ci_level:.0%} CI [{effect.ci_low:.3g}, {effect.ci_high:.3g}]"
     if significant and lo > 0:
-        return Verdict("helps", f"p(Holm) = {p_adjusted:.3g} < {alpha}, CI excludes 0 on the better side", float("nan"))
+        return Verdict("helps", f"p(Holm) = {p_adjusted:.3g} < {alpha}; {ci} excludes 0", nan, "significant")
     if significant and hi < 0:
-        return Verdict("hurts", f"p(Holm) = {p_adjusted:.3g} < {alpha}, CI excludes 0 on the worse side", float("nan"))
-    if effect.mean == 0:
-        return Verdict("no detectable effect", "every seed gave the same metric with and without", float("inf"))
-    size = abs(effect.mean) / effect.sd if effect.sd > 0 else float("inf")
-    needed = max(seeds_needed(effect.sd, effect.mean, alpha=alpha, power=power, m=m), floor)
-    if size >= min_effect_size:
-        why = "not significant" if effect.n >= floor else f"{effect.n} seeds cannot reach p < {alpha / m:.3g}"
-        return Verdict("needs more seeds", f"{why}; effect/noise d_z = {size:.2f} ≥ {min_effect_size}", needed)
-    return Verdict(
-        "no detectable effect", f"not significant; effect/noise d_z = {size:.2f} < {min_effect_size}", needed
-    )
+        return Verdict("hurts", f"p(Holm) = {p_adjusted:.3g} < {alpha}; {ci} excludes 0", nan, "significant")
+    if effect.sd == 0 and effect.mean == 0:
+        return Verdict("no detectable effect", "every seed gave the same metric with and without", nan, "no_difference")
+    point = seeds_needed(effect.sd, effect.mean, alpha=alpha, power=power, m=m)
+    low, high = seeds_needed_interval(effect, m=m, alpha=alpha, power=power)
+    dz_lo, dz_hi = dz_interval(effect.mean, effect.sd, effect.n, effect.ci_level)
+    if significant:  # only reachable with a p from another test than the interval's
+        why = f"p(Holm) = {p_adjusted:.3g} < {alpha} but the {ci} includes 0: the test and the interval disagree"
+        return Verdict("needs more seeds", why, point, "disagree", low, high, dz_lo, dz_hi)
+    dz_ci = f"d_z = {effect.dz:.2f} [{dz_lo:.2f}, {dz_hi:.2f}]"
+    if math.isfinite(dz_lo) and -min_effect_size < dz_lo and dz_hi < min_effect_size:
+        why = f"not significant (p(Holm) = {p_adjusted:.3g}); {dz_ci} lies within ±{min_effect_size}"
+        return Verdict("no detectable effect", why, nan, "equivalent", nan, nan, dz_lo, dz_hi)
+    why = f"not significant (p(Holm) = {p_adjusted:.3g}); {dz_ci} still allows |d_z| ≥ {min_effect_size}"
+    return Verdict("needs more seeds", why, point, "inconclusive", low, high, dz_lo, dz_hi)
 
 
 # --- designs: which arms make which effect -----------------------------------------------------------------------
@@ -532,7 +805,10 @@ class TaskStats:
     interactions: pd.DataFrame  # factorial designs: one row per two-way term (primary metric)
     fraction: int = 0  # p of a 2^(k−p) design
     resolution: int | None = None
-    defining_relation: list[str] = field(default_factory=list)
+    defining_relation: list[str] = field(default_factory=list)  # generators: "d = a·b·c"
+    defining_words: list[str] = field(default_factory=list)  # every word of the defining relation: "I = a·b·c·d"
+    word_length_pattern: tuple[int, ...] = ()  # (A_3, A_4, ...): words of length 3, 4, ...
+    alias_structure: list[str] = field(default_factory=list)  # "a×b = c×d": aliased main effects / 2-factor terms
     notes: list[str] = field(default_factory=list)
 
 
@@ -555,7 +831,8 @@ def analyze_task(
     n_resamples: int = N_RESAMPLES,
 ) -> TaskStats:
     """All statistics of one task from its runs (rows of :func:`bench.store.load_grid` for this task)."""
-    from bench.grid import design_arms, fractional_design
+    from bench.designs import fractional_design
+    from bench.grid import design_arms
 
     arms = design_arms(design, tricks, fraction)
     labels = [a for a, _ in arms]
@@ -566,11 +843,11 @@ def analyze_task(
     inter = interaction_terms(tricks, arms) if design.endswith("factorial") and len(tricks) >= 2 else []
     kw = {"n_resamples": n_resamples}
     notes: list[str] = []
-    resolution, relation = None, []
+    resolution, relation, words, wlp, alias_lines = None, [], [], (), []
     if design == "fractional_factorial" and tricks:
-        _, generators, resolution = fractional_design(len(tricks), fraction)
-        base = len(tricks) - fraction
-        relation = [f"{tricks[base + j]} = " + "·".join(tricks[i] for i in word) for j, word in enumerate(generators)]
+        fd = fractional_design(len(tricks), fraction)
+        resolution, relation, words = fd.resolution, fd.generator_labels(tricks), fd.word_labels(tricks)
+        wlp, alias_lines = fd.wlp[2:], fd.alias_labels(tricks)
     runs = runs if len(runs) else pd.DataFrame(columns=["run_id", "arm", "seed", "status"])
     primary = f"metric.{metric}"
     metric_cols = _metric_columns(runs)
@@ -640,6 +917,9 @@ def analyze_task(
         fraction=fraction,
         resolution=resolution,
         defining_relation=relation,
+        defining_words=words,
+        word_length_pattern=wlp,
+        alias_structure=alias_lines,
         notes=notes,
     )
 
@@ -662,8 +942,9 @@ def _stability(runs: pd.DataFrame, terms: list[Term], primary: str, div: pd.Data
         on, off = list(term.on_arms), list(term.off_arms)
         if len(metric) and all(a in metric.columns for a in on + off):
             sub = metric[on + off].dropna()
-            ratio, lo, hi = bootstrap_ratio_ci(sub[on].to_numpy(), sub[off].to_numpy(), **kw)
-            row |= {"spread_ratio": ratio, "spread_low": lo, "spread_high": hi, "spread_n": len(sub)}
+            sr = spread_ratio(sub[on].to_numpy(), sub[off].to_numpy())
+            row |= {"spread_ratio": sr.ratio, "spread_low": sr.low, "spread_high": sr.high, "spread_n": sr.n}
+            row |= {"spread_p": sr.p, "spread_changed": sr.changed, "spread_method": sr.label}
         for name, mat in (("diverged", div), ("spikes", spikes)):
             if not len(mat) or any(a not in mat.columns for a in on + off):
                 continue
@@ -676,7 +957,7 @@ def _stability(runs: pd.DataFrame, terms: list[Term], primary: str, div: pd.Data
             row[f"{name}_n"] = len(sub)
             eff, _ = term_effect(mat, term, False, **kw)
             row |= {f"{name}_diff": eff.mean, f"{name}_low": eff.ci_low, f"{name}_high": eff.ci_high}
-            row[f"{name}_p"] = eff.p
+            row[f"{name}_p"] = eff.p_signflip  # exact for 0/1 indicators and counts under no effect
         rows.append(row)
     out = pd.DataFrame(rows)
     if "diverged_p" in out:
@@ -685,7 +966,7 @@ def _stability(runs: pd.DataFrame, terms: list[Term], primary: str, div: pd.Data
 
 
 def _cost(runs: pd.DataFrame, terms: list[Term], kw: dict) -> pd.DataFrame:
-    """Per trick: train time and peak memory per sample, on / off, as a ratio with a CI (geometric, per seed)."""
+    """Per trick: train time and peak memory per sample, on / off: geometric mean ratio with a t-interval on logs."""
     finished = (store.RunStatus.COMPLETED, store.RunStatus.DIVERGED)
     rows = []
     for term in terms:
@@ -701,6 +982,7 @@ def _cost(runs: pd.DataFrame, terms: list[Term], kw: dict) -> pd.DataFrame:
                 f"{name}_high": math.exp(eff.ci_high) if math.isfinite(eff.ci_high) else np.nan,
                 f"{name}_n": eff.n,
             }
+        row["ci_method"] = COST_CI_LABEL
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -720,8 +1002,11 @@ def _verdicts(
         p_adj = float(p_holm.get(term.name, float("nan")))
         v = verdict(eff, p_adj, m=len(terms))
         label, reason = v.label, v.reason
-        if eff.n < 2 and excluded:
-            reason = f"{eff.n} usable seed(s): {excluded} left out because a run diverged"
+        if not eff.test_possible and excluded:
+            reason = (
+                f"too few seeds for a test: n ≥ {MIN_TEST_SEEDS} needed ({eff.n} usable seed(s): "
+                f"{excluded} left out because a run diverged)"
+            )
         st = stability[stability["term"] == term.name].iloc[0] if len(stability) else None
         if st is not None and "diverged_p_holm" in st and math.isfinite(st["diverged_p_holm"]):
             lo, hi = st["diverged_low"], st["diverged_high"]
@@ -734,19 +1019,32 @@ def _verdicts(
                     + (f"; metric alone: {v.label}" if v.label != label else "")
                 )
         c = cost[cost["term"] == term.name].iloc[0] if len(cost) else None
+        own = label == v.label  # the metric's verdict stands (not overridden by divergence)
         rows.append(
             {
                 "term": term.name,
                 "verdict": label,
                 "reason": reason,
-                "seeds_needed": v.seeds_needed if label == v.label else np.nan,
+                "code": v.code if own else "diverged",
+                "test_possible": eff.test_possible,
+                "seeds_needed": v.seeds_needed if own else np.nan,
+                "seeds_needed_low": v.seeds_needed_low if own else np.nan,
+                "seeds_needed_high": v.seeds_needed_high if own else np.nan,
                 "n": eff.n,
                 "n_excluded_diverged": excluded,
                 "mean": eff.mean,
                 "ci_low": eff.ci_low,
                 "ci_high": eff.ci_high,
+                "ci_method": eff.ci_method,
+                "ci_level": eff.ci_level,
+                "ci_label": eff.ci_label,
+                "ci_calibrated": eff.ci_calibrated,
                 "ci_reliable": eff.ci_reliable,
+                "dz": eff.dz,
+                "dz_low": v.dz_low,
+                "dz_high": v.dz_high,
                 "p": eff.p,
+                "p_signflip": eff.p_signflip,
                 "p_holm": p_adj,
                 "frac_improved": eff.frac_improved,
                 "time_ratio": c["time_ratio"] if c is not None else np.nan,

@@ -76,6 +76,7 @@ CURVE, TRAIN_LOG, FINAL_MODEL = "curve.csv", "train.csv", "final_model.pt"
 RECOVERY = "recovery.json"  # what a run recovered from (damaged checkpoints set aside), read by `bench status`
 ARTEFACTS = (CONFIG, CURVE, TRAIN_LOG, FINAL_MODEL)  # what the report reads; recorded in result.json
 QUARANTINE = "quarantine"  # <grid>/quarantine/<run_id>.<n>/: damaged run folders, moved aside, never deleted
+STALE = "stale"  # <grid>/stale/<run_id>.<n>/: runs trained by other code, moved aside by --rerun-stale
 SMALL_BYTES = 1 << 20  # files up to this size are hashed on every check; larger ones when deep=True
 MAX_JSON_BYTES = 64 << 20  # a result/config/error file larger than this is damage, not something to parse
 RUN_ID = re.compile(r"[0-9a-f]{16}\Z")
@@ -373,15 +374,16 @@ def run_status(path: Path, deep: bool = False) -> str:
     return check_run(path, deep).status
 
 
-def quarantine_run(path: Path, reason: str) -> Path | None:
-    """Move the damaged run folder ``path`` aside to ``<grid>/quarantine/<run_id>.<n>`` (never deleted) and
-    record why in ``<run_id>.<n>.json`` beside it; the run's next launch starts from an empty folder.
+def quarantine_run(path: Path, reason: str, folder: str = QUARANTINE) -> Path | None:
+    """Move the run folder ``path`` aside to ``<grid>/<folder>/<run_id>.<n>`` (never deleted) and record why
+    in ``<run_id>.<n>.json`` beside it; the run's next launch starts from an empty folder.
 
-    Call only for a run no worker holds (a damaged run is not trained). Returns the new path, or None when
-    the folder is already gone (someone else moved it).
+    ``folder``: ``quarantine`` for damaged runs, ``stale`` for runs trained by other code (``--rerun-stale``).
+    Call only for a run no worker holds. Returns the new path, or None when the folder is already gone
+    (someone else moved it).
     """
     path = Path(path)
-    qdir = path.parent.parent / QUARANTINE
+    qdir = path.parent.parent / folder
     qdir.mkdir(parents=True, exist_ok=True)
     n = 1
     while os.path.lexists(qdir / f"{path.name}.{n}") or os.path.lexists(qdir / f"{path.name}.{n}.json"):
@@ -438,10 +440,15 @@ def load_grid(path: Path) -> pd.DataFrame:  # pandas imported lazily: SLURM work
     Columns: run_id, task, arm, seed, status, one 0/1 column per trick (``trick.<name>``),
     and the flattened ``result.json`` (``metric.*``, ``stability.*``, ``cost.*``). Every run is
     verified first (:func:`check_run`, deep): a damaged run is a row with status ``damaged`` and its
-    ``reason``, and no data.
+    ``reason``, and no data. ``in_spec``: the run is a cell of the grid as last launched (``grid.yaml``;
+    runs of an earlier version of the spec stay in the folder and are False here). ``code``: a short
+    digest of the code fingerprint the run trained with; ``stale``: that code differs from today's
+    (``stale_parts`` says which part).
     """
     rows = []
     runs = Path(path) / "runs"
+    current = _current_run_ids(Path(path))
+    staleness: dict[str, list[str]] = {}
     for rdir in sorted(runs.iterdir()) if runs.is_dir() else []:
         check = check_run(rdir, deep=True)
         if check.status == RunStatus.DAMAGED:
@@ -461,6 +468,9 @@ def load_grid(path: Path) -> pd.DataFrame:  # pandas imported lazily: SLURM work
         for t in meta.get("grid_tricks", meta["tricks_on"]):
             row[f"trick.{t}"] = int(t in meta["tricks_on"])
         row["status"] = check.status
+        row["in_spec"] = current is None or meta["run_id"] in current
+        row["code"], parts = _code_of(meta.get("fingerprint"), staleness)
+        row["stale"], row["stale_parts"] = bool(parts), "; ".join(parts)
         if check.status in RunStatus.FINISHED:
             res = read_json(rdir / RESULT)
             for section in ("metric", "stability", "cost"):
@@ -472,6 +482,34 @@ def load_grid(path: Path) -> pd.DataFrame:  # pandas imported lazily: SLURM work
     import pandas as pd
 
     return pd.DataFrame(rows)
+
+
+def _current_run_ids(gdir: Path) -> set[str] | None:
+    """Run ids of the grid's stored ``grid.yaml`` (None when it cannot be read: every run counts as in the spec)."""
+    from bench.runner import grid_cells
+
+    try:
+        return {c.run_id for c in grid_cells(gdir)[1]}
+    except (OSError, ValueError):
+        return None
+
+
+def _code_of(fingerprint: Any, cache: dict[str, list[str]]) -> tuple[str, list[str]]:
+    """(short digest of a recorded fingerprint, the parts of it that today's code changed)."""
+    import hashlib
+
+    from bench.fingerprint import refreshed, stale_parts
+
+    if not isinstance(fingerprint, dict):
+        return "", ["all (no fingerprint recorded)"]
+    key = json.dumps({k: v for k, v in fingerprint.items() if k != "versions"}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    if digest not in cache:
+        try:
+            cache[digest] = stale_parts(fingerprint, refreshed(fingerprint))
+        except (KeyError, TypeError, OSError):
+            cache[digest] = ["all (unreadable fingerprint)"]
+    return digest, cache[digest]
 
 
 def load_curves(path: Path, kind: str = "curve") -> pd.DataFrame:

@@ -108,6 +108,10 @@ class Task(ABC):
     #: per seed on that seed's own task instance and model, as in a run alone. The model must have no
     #: BatchNorm statistics. Paths that break this for some settings are named by :meth:`vectorize_problems`.
     vectorizable: ClassVar[bool] = False
+    #: plugin tasks: the task's own `bench check` regression grid (a spec file) and the folder of its baseline
+    #: ``<name>.json`` (built-in tasks use experiments/grids/regression_<name>.yaml and results/baselines/)
+    regression_spec: ClassVar[Path | None] = None
+    regression_baselines: ClassVar[Path | None] = None
 
     @classmethod
     def accepts(cls, card: TrickCard) -> bool:

@@ -6,6 +6,7 @@ shipped registry. ``params.lr_blowup`` makes training diverge on purpose.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -58,3 +59,17 @@ class Synthetic(Task):
 
 
 TASK = Synthetic
+
+
+class VecSynthetic(Synthetic):
+    """Seed-vectorizable (tests/test_vectorized.py): seed 1's inputs become infinite at step 3 (it diverges)."""
+
+    name = "vec_synthetic"
+    vectorizable = True
+    dense_grads = True
+
+    def batch(self, model: nn.Module, mb: MicroBatch) -> Any:
+        x, y = super().batch(model, mb)
+        if self.streams.seed == 1 and mb.step >= 3:
+            x = x * math.inf
+        return x, y

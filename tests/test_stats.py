@@ -1,22 +1,21 @@
-"""Calibration and unit tests of bench/stats.py on simulated paired seeds (numpy only, no training).
+"""Unit tests of bench/stats.py on simulated paired seeds (numpy only, no training).
 
-The simulation: seed s gives the reference arm 1 + u_s + e and the trick arm 1 + u_s + Δ + e',
-with a shared per-seed component u_s ~ N(0, σ_seed²) (what pairing cancels) and independent
-noise e, e' ~ N(0, σ_noise²). Numbers of repetitions are chosen so each check is a real test
-(a miscalibrated method falls outside the band) and the file runs in a few seconds:
+The coverage and family-wise error of the interval and the verdicts over five data shapes
+are in tests/test_calibration.py; this file checks the pieces: formulas against independent
+references (scipy, published power tables), the consistency of verdicts with intervals,
+edge cases and the design contrasts. The simulation here: seed s gives the reference arm
+1 + u_s + e and the trick arm 1 + u_s + Δ + e', with a shared per-seed component u_s ~ N(0,
+σ_seed²) (what pairing cancels) and independent noise e, e' ~ N(0, σ_noise²).
 
-- coverage: 400 repetitions at n = 10 seeds. A correct 95% interval covers in 400·0.95 = 380
-  of them, binomial sd 4.4 (1.1%), so the 92–98% band is ±2.7 sd. The plain percentile or BCa
-  bootstrap covers ≈90% at n = 10 (measured: 90.8% / 90.0% on this very simulation) and fails
-  the band; the expanded level that stats.py uses is what brings it to ≈94%.
-- A/A: 200 repetitions × 4 null tricks sharing one reference arm at n = 8 seeds (the exact
-  sign-flip test's size at 0.05 is 12/256 = 0.047): the 1200 raw p-values must reject at
-  5% within a two-sided binomial band (P < 0.001 each side: 22..57 of 800), and Holm's
-  family-wise rate over the 200 families must stay within the upper band of 5% (≤ 21 of 200).
+- A/A: 200 repetitions × 4 null tricks sharing one reference arm at n = 8 seeds: the 800
+  raw t-test p-values must reject at 5 % within a two-sided binomial band (P < 0.001 each
+  side: 22..57 of 800), and Holm's family-wise rate over the 200 families must stay within
+  the upper band of 5 % (≤ 21 of 200).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ from scipy import stats as sps
 from bench import stats
 from bench.grid import design_arms, fractional_design
 
-RESAMPLES = 2000  # bootstrap resamples in these tests only (the reports use 10,000)
+RESAMPLES = 2000  # sign-flip Monte Carlo patterns in these tests only (the reports use 10,000)
 
 
 def simulate(
@@ -44,18 +43,33 @@ def binomial_band(n: int, p: float, tail: float = 0.001) -> tuple[int, int]:
     return int(sps.binom.ppf(tail, n, p)), int(sps.binom.isf(tail, n, p))
 
 
-# --- calibration ----------------------------------------------------------------------------------------------
-def test_ci_covers_known_shift_at_nominal_rate() -> None:
-    """The shipped interval (BCa at the expanded level) on 400 simulated grids of 10 paired seeds."""
-    rng = np.random.default_rng(123)
-    delta, reps = -0.2, 400
-    covered = 0
-    for r in range(reps):
-        ref, arm = simulate(rng, 10, [delta])
-        eff = stats.paired_effect(arm[:, 0] - ref, False, n_resamples=RESAMPLES, seed=r)
-        assert eff.ci_method == "BCa"
-        covered += eff.ci_low <= delta <= eff.ci_high
-    assert 0.92 <= covered / reps <= 0.98, f"coverage {covered / reps:.3f}"
+# --- the interval and the test -----------------------------------------------------------------------------------
+def test_interval_and_p_are_the_textbook_paired_t() -> None:
+    rng = np.random.default_rng(1)
+    for n in (2, 3, 7, 25):
+        d = rng.normal(0.3, 1.0, n)
+        eff = stats.paired_effect(d, True, n_resamples=RESAMPLES)
+        half = sps.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+        assert eff.ci_method == "t" and eff.ci_level == 0.95 and eff.ci_calibrated
+        assert eff.ci_low == pytest.approx(d.mean() - half) and eff.ci_high == pytest.approx(d.mean() + half)
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+        assert eff.p == pytest.approx(2 * sps.t.sf(abs(t), n - 1))
+    mean, lo, hi, p = stats.paired_t(rng.normal(size=(5, 4, 6)))  # vectorized over leading axes
+    assert mean.shape == lo.shape == hi.shape == p.shape == (5, 4)
+
+
+def test_p_below_alpha_exactly_when_the_interval_excludes_zero() -> None:
+    """The issue-15 bug (p(Holm) < 0.05 but the CI includes 0) cannot happen: the interval inverts the test."""
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.5, 1.0, (4000, 6))
+    _, lo, hi, p = stats.paired_t(d)
+    excludes = (lo > 0) | (hi < 0)
+    assert 0.1 < excludes.mean() < 0.9  # both outcomes occur
+    assert np.array_equal(p < 0.05, excludes)
+    repro = [0.757, 0.803, -1.096, 1.716, 0.535, 1.056, 1.012, 1.111, 1.026, 1.024]  # from the issue
+    eff = stats.paired_effect(repro, True, n_resamples=RESAMPLES)
+    v = stats.verdict(eff, eff.p)
+    assert eff.p < 0.05 and eff.ci_low > 0 and v.label == "helps"
 
 
 def test_aa_false_positive_rate_and_holm_familywise_rate() -> None:
@@ -69,24 +83,12 @@ def test_aa_false_positive_rate_and_holm_familywise_rate() -> None:
         adjusted = stats.holm(p)
         raw_rejections += int(np.sum(p < 0.05))
         family_rejections += int(np.any(adjusted < 0.05))
-        verdict_calls += any(stats.verdict(e, q, m=k).label in ("helps", "hurts") for e, q in zip(effects, adjusted))
+        near = [(e, q) for e, q in zip(effects, adjusted) if q < 0.2]  # verdicts far from α cannot be helps/hurts
+        verdict_calls += any(stats.verdict(e, q, m=k).label in ("helps", "hurts") for e, q in near)
     lo, hi = binomial_band(reps * k, 0.05)
     assert lo <= raw_rejections <= hi, f"raw A/A rejections {raw_rejections}/{reps * k}, allowed {lo}..{hi}"
     assert family_rejections <= binomial_band(reps, 0.05)[1], f"Holm FWER {family_rejections}/{reps}"
-    assert verdict_calls <= family_rejections  # a verdict needs a Holm rejection
-
-
-def test_seeds_needed_gives_the_promised_power() -> None:
-    """At n = seeds_needed(σ_d, Δ) a paired test detects Δ in ≈80% of repetitions (t-vs-z: ≈77%)."""
-    sd_d, delta = 1.0, 0.6
-    n = int(stats.seeds_needed(sd_d, delta))
-    assert n == math.ceil(7.849 / 0.36)
-    rng = np.random.default_rng(11)
-    reps = 300
-    hits = sum(
-        stats.paired_effect(rng.normal(delta, sd_d, n), True, n_resamples=1000, seed=r).p < 0.05 for r in range(reps)
-    )
-    assert 0.66 <= hits / reps <= 0.9, f"power {hits / reps:.3f} at n={n}"
+    assert verdict_calls == family_rejections  # a verdict is exactly a Holm rejection
 
 
 def test_pairing_detects_a_shift_the_unpaired_analysis_cannot() -> None:
@@ -110,7 +112,7 @@ def test_direction_awareness() -> None:
     assert lower.mean == higher.mean < 0
     assert lower.gain > 0 > higher.gain
     assert lower.frac_improved == 1.0 and higher.frac_improved == 0.0
-    assert lower.p == pytest.approx(2 / 2**8)  # all 8 differences negative: the most extreme of 256 patterns
+    assert lower.p_signflip == pytest.approx(2 / 2**8)  # all 8 differences negative: the most extreme of 256
     assert stats.verdict(lower, lower.p).label == "helps"
     assert stats.verdict(higher, higher.p).label == "hurts"
     neutral = stats.paired_effect(d, higher_is_better=None, n_resamples=RESAMPLES)
@@ -122,26 +124,18 @@ def test_direction_awareness() -> None:
 def test_paired_effect_edge_cases() -> None:
     assert stats.paired_effect([], True).n == 0
     one = stats.paired_effect([0.5], True)
-    assert one.mean == 0.5 and math.isnan(one.p) and one.ci_method == "none"
+    assert one.mean == 0.5 and math.isnan(one.p) and one.ci_method == "none" and not one.test_possible
     same = stats.paired_effect([0.2] * 7, True, n_resamples=RESAMPLES)
     assert same.ci_low == same.ci_high == same.mean == pytest.approx(0.2) and same.ci_method == "exact"
-    assert same.p == pytest.approx(2 / 2**7)
+    assert same.p == 0.0 and same.p_signflip == pytest.approx(2 / 2**7) and same.dz == math.inf
     zeros = stats.paired_effect([0.0] * 5, True, n_resamples=RESAMPLES)
-    assert zeros.p == 1.0 and zeros.frac_improved == 0.0
-    tiny = stats.paired_effect([1e-300, 0.0, 0.0], True, n_resamples=RESAMPLES)  # BCa's jackknife underflows
-    assert tiny.ci_method == "percentile" and tiny.ci_low <= tiny.mean <= tiny.ci_high
+    assert zeros.p == 1.0 and zeros.p_signflip == 1.0 and zeros.frac_improved == 0.0
+    tiny = stats.paired_effect([1e-300, 0.0, 0.0], True, n_resamples=RESAMPLES)  # the variance underflows
+    assert tiny.ci_low <= tiny.mean <= tiny.ci_high
     with pytest.raises(ValueError, match="non-finite"):
         stats.paired_effect([0.1, float("nan")], True)
-    with pytest.raises(ValueError, match="method"):
-        stats.paired_effect([0.1, 0.2, 0.3], True, method="studentized")
-
-
-def test_expanded_level() -> None:
-    assert stats.expanded_level(10) == pytest.approx(0.9829, abs=1e-4)
-    assert stats.expanded_level(1000) == pytest.approx(0.95, abs=1e-3)
-    assert stats.expanded_level(5) > stats.expanded_level(10) > stats.expanded_level(50) > 0.95
-    with pytest.raises(ValueError, match="n: 1"):
-        stats.expanded_level(1)
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.paired_t(np.ones((3, 1)))
 
 
 def test_holm_and_bh_against_hand_computed_values() -> None:
@@ -158,52 +152,152 @@ def test_holm_and_bh_against_hand_computed_values() -> None:
         stats.holm([1.5])
 
 
-def test_seeds_needed_formula() -> None:
-    assert stats.seeds_needed(1.0, 1.0) == 8  # 7.85 → 8
-    assert stats.seeds_needed(2.0, 1.0) == 32  # 7.85·4 = 31.4
-    assert stats.seeds_needed(1.0, -0.5) == 32  # the sign of the effect does not matter
-    # pairing with no correlation (σ_d² = 2σ²) gives the unpaired two-arm 15.7·σ²/Δ² per arm
-    assert stats.seeds_needed(math.sqrt(2) * 1.0, 0.5) == math.ceil(15.7 / 0.25)
-    z = sps.norm.ppf(1 - 0.05 / 8) + sps.norm.ppf(0.8)  # Holm over 4 tricks: Bonferroni level α/4
-    assert stats.seeds_needed(1.0, 1.0, m=4) == math.ceil(z**2)
+# --- power and seeds needed --------------------------------------------------------------------------------------
+def test_seeds_needed_matches_published_power_tables() -> None:
+    """One-sample / paired two-sided t-test, α = 0.05, power 0.8 (Cohen 1988; G*Power): d = 0.2, 0.5, 0.8, 1.2."""
+    assert [stats.seeds_needed(1.0, d) for d in (0.2, 0.5, 0.8, 1.2)] == [199, 34, 15, 8]
+    assert stats.seeds_needed(2.0, -1.0) == 34  # only |effect| / sd matters
+    for dz, m in [(0.5, 1), (1.0, 4), (2.0, 10)]:
+        n = int(stats.seeds_needed(1.0, dz, m=m))
+        assert stats.t_test_power(n, dz, 0.05 / m) >= 0.8 > stats.t_test_power(n - 1, dz, 0.05 / m)
+    assert stats.seeds_needed(1.0, 1.0, m=4) > stats.seeds_needed(1.0, 1.0)  # Holm's strictest step: α/4
     assert stats.seeds_needed(1.0, 0.0) == math.inf
-    assert stats.min_seeds_for_significance() == 6  # 2/2^6 = 0.031 < 0.05 ≤ 2/2^5
-    assert stats.min_seeds_for_significance(m=4) == 8  # 2/2^8·4 = 0.031
+    assert stats.seeds_needed(1.0, 1e-4) == math.inf  # more than 100,000 seeds
+    assert stats.seeds_needed(0.0, 1.0) == stats.MIN_TEST_SEEDS
+    assert math.isnan(stats.seeds_needed(float("nan"), 1.0))
     with pytest.raises(ValueError, match="power"):
         stats.seeds_needed(1.0, 1.0, power=1.5)
+    assert stats.min_seeds_for_significance() == 6  # the sign-flip floor: 2/2^6 = 0.031 < 0.05 ≤ 2/2^5
+    assert stats.min_seeds_for_significance(m=4) == 8
 
 
+def test_seeds_needed_gives_the_promised_power() -> None:
+    """At n = seeds_needed(σ_d, Δ) a paired t-test on normal differences detects Δ in ≈80 % of 4000 repetitions."""
+    sd_d, delta = 1.0, 0.6
+    n = int(stats.seeds_needed(sd_d, delta))
+    d = np.random.default_rng(11).normal(delta, sd_d, (4000, n))
+    _, _, _, p = stats.paired_t(d)
+    assert 0.78 <= np.mean(p < 0.05) <= 0.85, f"power {np.mean(p < 0.05):.3f} at n={n}"
+
+
+def test_dz_interval_covers_at_its_level() -> None:
+    rng = np.random.default_rng(12)
+    n, dz, reps = 6, 0.7, 400
+    covered = 0
+    for _ in range(reps):
+        d = rng.normal(dz, 1.0, n)
+        lo, hi = stats.dz_interval(d.mean(), d.std(ddof=1), n, 0.8)
+        covered += lo <= dz <= hi
+    assert 0.74 <= covered / reps <= 0.86  # 80 % ± 3 binomial sd (2 %)
+    lo, hi = stats.dz_interval(1.0, 1.0, 10, 0.95)
+    t = math.sqrt(10)  # the observed t sits at the 97.5 % / 2.5 % quantiles of the bounding noncentral t's
+    assert sps.nct.cdf(t, 9, lo * t) == pytest.approx(0.975) and sps.nct.cdf(t, 9, hi * t) == pytest.approx(0.025)
+    assert lo < 1.0 < hi
+    assert all(math.isnan(x) for x in stats.dz_interval(1.0, 0.0, 10))
+
+
+def test_seeds_needed_interval() -> None:
+    rng = np.random.default_rng(13)
+    clear = stats.paired_effect(rng.normal(0.8, 1.0, 12), True, n_resamples=RESAMPLES)
+    lo, hi = stats.seeds_needed_interval(clear)
+    dz_lo, dz_hi = stats.dz_interval(clear.mean, clear.sd, clear.n, 0.8)
+    assert dz_lo > 0  # the 80 % interval of d_z excludes 0: both ends are finite
+    assert lo == stats.seeds_needed(1.0, dz_hi) and hi == stats.seeds_needed(1.0, dz_lo)
+    assert lo <= stats.seeds_needed(clear.sd, clear.mean) <= hi
+    vague = stats.paired_effect([0.3, -0.2, 0.5], True, n_resamples=RESAMPLES)
+    lo, hi = stats.seeds_needed_interval(vague)
+    assert lo > 3 and hi == math.inf  # d_z = 0 is plausible: at least lo seeds, maybe no number suffices
+    flat = stats.paired_effect([0.01, -0.01] * 30, True, n_resamples=RESAMPLES)
+    lo, hi = stats.seeds_needed_interval(flat)  # 60 seeds bound |d_z| ≤ 0.17: detecting that takes ≥ 290
+    assert lo == stats.seeds_needed(1.0, stats.dz_interval(0.0, flat.sd, 60, 0.8)[1]) > 60 and hi == math.inf
+    # not informative (at a power this low even the largest plausible effect needs no more seeds than used)
+    assert all(math.isnan(x) for x in stats.seeds_needed_interval(flat, power=0.06))
+
+
+# --- verdicts ----------------------------------------------------------------------------------------------------
 def _effect(mean: float, sd: float, n: int, lo: float, hi: float, hib: bool = False) -> stats.Effect:
-    return stats.Effect(n, mean, lo, hi, "BCa", 0.95, float("nan"), True, sd, 0.5, hib)
+    return stats.Effect(n, mean, lo, hi, "t", 0.95, float("nan"), float("nan"), sd, 0.5, hib)
 
 
 def test_verdict_rules() -> None:
     # significant and CI on the better side (lower is better: CI below 0) → helps
     assert stats.verdict(_effect(-1.0, 0.5, 10, -1.3, -0.7), 0.01).label == "helps"
     assert stats.verdict(_effect(1.0, 0.5, 10, 0.7, 1.3), 0.01).label == "hurts"
-    assert stats.verdict(_effect(1.0, 0.5, 10, 0.7, 1.3, hib=True), 0.01).label == "helps"
-    # significant p but the CI touches 0: no helps/hurts; large effect vs noise → needs more seeds
+    assert stats.verdict(_effect(1.0, 0.5, 10, 0.7, 1.3, hib=True), 0.01).code == "significant"
+    # a p from another test than the interval's: significant but the CI touches 0 → says they disagree
     v = stats.verdict(_effect(-1.0, 1.0, 10, -2.0, 0.1), 0.03)
-    assert v.label == "needs more seeds" and v.seeds_needed == 8
-    # not significant, effect/noise d_z = 1 ≥ 0.5: needs more seeds, with the number
-    v = stats.verdict(_effect(-1.0, 1.0, 4, -2.0, 0.5), 0.2, m=1)
-    assert v.label == "needs more seeds" and v.seeds_needed == 8
-    # the attainable-p floor: 3 tricks need at least 7 seeds (2/2^7·3 = 0.047)
-    assert stats.verdict(_effect(-1.0, 0.1, 3, -1.1, -0.9), 0.75, m=3).seeds_needed == 7
-    # not significant and small relative to the noise → no detectable effect (seeds shown for information)
-    v = stats.verdict(_effect(-0.1, 1.0, 10, -0.7, 0.5), 0.7)
-    assert v.label == "no detectable effect" and v.seeds_needed == 785
-    assert stats.verdict(_effect(0.0, 0.0, 10, 0.0, 0.0), 1.0).label == "no detectable effect"
-    assert stats.verdict(_effect(-1.0, 0.0, 1, np.nan, np.nan), np.nan).label == "needs more seeds"
+    assert v.label == "needs more seeds" and v.code == "disagree" and "disagree" in v.reason
+    # not significant with a wide d_z interval → needs more seeds with a range
+    v = stats.verdict(_effect(-1.0, 1.0, 4, -2.6, 0.6), 0.2)
+    assert v.label == "needs more seeds" and v.code == "inconclusive"
+    assert v.seeds_needed == stats.seeds_needed(1.0, 1.0) and v.seeds_needed_low <= v.seeds_needed
+    assert v.seeds_needed < v.seeds_needed_high < math.inf  # t = −2: the 80 % interval of d_z excludes 0
+    assert v.dz_low < 0 < v.dz_high  # ... the 95 % one does not (not significant)
+    # too few seeds for any test
+    v = stats.verdict(_effect(-1.0, float("nan"), 1, np.nan, np.nan), np.nan)
+    assert v.label == "needs more seeds" and v.code == "too_few_seeds" and "n ≥ 2 needed" in v.reason
+    # every seed exactly the same with and without
+    v = stats.verdict(_effect(0.0, 0.0, 10, 0.0, 0.0), 1.0)
+    assert v.label == "no detectable effect" and v.code == "no_difference"
 
 
+def test_mean_zero_with_different_differences_is_not_called_identical() -> None:
+    eff = stats.paired_effect([1.0, -1.0, 2.0, -2.0], True, n_resamples=RESAMPLES)
+    v = stats.verdict(eff, eff.p)
+    assert eff.mean == 0 and "same metric" not in v.reason and v.code == "inconclusive"
+
+
+def test_no_detectable_effect_needs_an_interval_that_rules_out_a_large_effect() -> None:
+    rng = np.random.default_rng(14)
+    small_n = [stats.paired_effect(rng.normal(0.0, 1.0, 3), True, n_resamples=RESAMPLES) for _ in range(50)]
+    assert all(stats.verdict(e, e.p).label != "no detectable effect" for e in small_n)  # 3 seeds never rule it out
+    d = rng.normal(0.0, 1.0, 60)
+    d -= d.mean()  # observed d_z = 0 at 60 seeds: the 95 % interval is about ±0.26
+    eff = stats.paired_effect(d, True, n_resamples=RESAMPLES)
+    v = stats.verdict(eff, eff.p)
+    assert v.label == "no detectable effect" and v.code == "equivalent"
+    assert -0.5 < v.dz_low < 0 < v.dz_high < 0.5
+
+
+# --- spread ratio ------------------------------------------------------------------------------------------------
 def test_spread_ratio_recovers_a_known_ratio() -> None:
     rng = np.random.default_rng(5)
     off = rng.normal(0, 1.0, (40, 1))
     on = rng.normal(0, 2.0, (40, 1))
-    ratio, lo, hi = stats.bootstrap_ratio_ci(on, off, n_resamples=RESAMPLES)
-    assert lo < 2.0 < hi and 1.5 < ratio < 2.7
-    assert math.isnan(stats.bootstrap_ratio_ci(on[:2], off[:2])[1])  # 2 seeds: no interval
+    sr = stats.spread_ratio(on, off)
+    assert sr.low < 2.0 < sr.high and 1.5 < sr.ratio < 2.7 and sr.method == "jackknife"
+    assert sr.p < 0.05 and sr.changed  # the interval excludes 1 and the exact swap test agrees
+    two = stats.spread_ratio(on[:2], off[:2])
+    assert math.isnan(two.low) and two.method == "none" and not two.changed  # 2 seeds: no interval
+    multi = stats.spread_ratio(rng.normal(0, 1.0, (30, 4)), rng.normal(0, 1.0, (30, 4)))  # factorial: 4 arms a side
+    assert multi.low < 1.0 < multi.high and math.isnan(multi.p)
+
+
+def test_gini_spread_interval_against_a_direct_computation() -> None:
+    rng = np.random.default_rng(6)
+    on, off = rng.normal(0, 1.5, (7, 2)), rng.normal(0, 1.0, (7, 2))
+    gini = lambda x: np.mean([abs(a - b) for a, b in itertools.permutations(x, 2)])  # noqa: E731
+    ratio = lambda a, b: np.mean([gini(c) for c in a.T]) / np.mean([gini(c) for c in b.T])  # noqa: E731
+    loo = np.log([ratio(np.delete(on, i, 0), np.delete(off, i, 0)) for i in range(7)])
+    se = math.sqrt(6 / 7 * np.sum((loo - loo.mean()) ** 2))
+    half = sps.t.ppf(0.975, 6) * se
+    r, lo, hi = stats.gini_spread_interval(on, off)
+    assert r == pytest.approx(ratio(on, off))
+    assert (lo, hi) == pytest.approx((ratio(on, off) * math.exp(-half), ratio(on, off) * math.exp(half)))
+
+
+def test_swap_test_is_exact_when_the_arms_are_exchangeable() -> None:
+    """All 2^5 swap patterns: under no effect the p is uniform on its lattice, so P(p ≤ α) ≤ α for every α."""
+    rng = np.random.default_rng(8)
+    u = rng.standard_t(3, size=(20_000, 5))
+    on, off = u + rng.standard_t(3, size=(20_000, 5)), u + rng.standard_t(3, size=(20_000, 5))
+    p = stats.swap_test_p(on, off, stats.swap_patterns(5))
+    for alpha in (2 / 32, 4 / 32, 8 / 32):  # 32 patterns, each statistic value twice (swap all = same |log ratio|)
+        assert np.mean(p <= alpha) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / 20_000)
+    assert np.mean(p <= 4 / 32) > 0.1  # and it is not vacuous
+    one = stats.spread_ratio(on[0], off[0])
+    assert one.p == pytest.approx(p[0])
+    assert stats.swap_patterns(20).shape == (4096, 20)  # beyond 12 seeds: 4,096 random patterns
 
 
 # --- designs -------------------------------------------------------------------------------------------------
@@ -272,7 +366,7 @@ def test_full_factorial_recovers_main_effects_and_interactions() -> None:
 
 def test_fractional_factorial_resolution_aliases_and_estimates() -> None:
     tricks = ["a", "b", "c", "d"]
-    rows, generators, resolution = fractional_design(4, 1)
+    rows, generators, resolution = fractional_design(4, 1)  # unpacks as the older triple
     assert resolution == 4 and generators == [(0, 1, 2)] and len(rows) == 8
     main = {"a": -0.4, "b": 0.25, "c": 0.0, "d": 0.1}
     inter = {("a", "b"): 0.3}  # aliased with c×d in this design

@@ -189,32 +189,12 @@ def test_members_at_different_steps_resume_apart_and_still_match(tmp_path: Path)
         assert _files(tmp_path / "whole" / cell.run_id) == _files(tmp_path / "cut" / cell.run_id)
 
 
-class _SeedOneBlowsUp:
-    """A vectorizable test task (registered below): seed 1's inputs become infinite at step 3."""
-
-    @staticmethod
-    def make() -> type:
-        from tests.synthetic_task import Synthetic
-
-        class VecSynthetic(Synthetic):
-            name = "vec_synthetic"
-            vectorizable = True
-            dense_grads = True
-
-            def batch(self, model: torch.nn.Module, mb: MicroBatch) -> Any:
-                x, y = super().batch(model, mb)
-                if self.streams.seed == 1 and mb.step >= 3:
-                    x = x * math.inf
-                return x, y
-
-        return VecSynthetic
-
-
 @pytest.fixture
 def vec_synthetic() -> Any:
     from experiments.registry import register_task, unregister_task
+    from tests.synthetic_task import VecSynthetic
 
-    register_task(_SeedOneBlowsUp.make())
+    register_task(VecSynthetic)  # a module-level class: spawned workers re-register it
     yield "vec_synthetic"
     unregister_task("vec_synthetic")
 

@@ -23,7 +23,7 @@ from importlib import import_module
 from tricks.card import TrickCard, did_you_mean
 from tricks.plugins import PluginError, entry_point_objects, record_registration
 
-__all__ = ["BUILTIN_MODULES", "REGISTRY", "cards", "get_card", "register_trick"]
+__all__ = ["BUILTIN_MODULES", "REGISTRY", "cards", "get_card", "origin", "register_trick", "unregister_trick"]
 
 # Modules are listed explicitly (never discovered from a path a user gives).
 BUILTIN_MODULES = (
@@ -94,6 +94,12 @@ def get_card(name: str) -> TrickCard:
     return table[name]
 
 
+def origin(name: str) -> str:
+    """Where trick ``name`` came from: its built-in module, the entry point and distribution, or ``register_trick``."""
+    get_card(name)
+    return _origin[name]
+
+
 def register_trick(card: TrickCard) -> TrickCard:
     """Register ``card`` in this process (and in the workers executors start from it); returns it.
 
@@ -106,6 +112,14 @@ def register_trick(card: TrickCard) -> TrickCard:
     _add(_load(), card, "register_trick")
     record_registration("trick", card)
     return card
+
+
+def unregister_trick(name: str) -> None:
+    """Remove a trick added by :func:`register_trick` (tests); built-in and entry-point tricks stay."""
+    if _origin.get(name) != "register_trick":
+        raise ValueError(f"trick {name!r} was not added by register_trick")
+    _load().pop(name, None)
+    _origin.pop(name, None)
 
 
 class _RegistryView(Mapping[str, TrickCard]):

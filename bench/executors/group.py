@@ -6,7 +6,8 @@ the debug executor, one SLURM array task — and trains in one process as one vm
 the one training loop (:func:`bench.loop.train_group`; what is vectorized and how, and what is not,
 is said there). :func:`check_groups` runs before a launch writes anything and names what cannot be
 vectorized (exit 2). :func:`run_group` is the group's :func:`bench.executors.worker.run_one`: per
-member it skips finished runs, sets damaged ones aside, writes ``config.json`` and ``state.json``
+member it skips finished runs, sets damaged ones aside, takes the run's lease (``bench.lease``: a
+member another live process trains is left out), writes ``config.json`` and ``state.json``
 (heartbeat, attempts), mirrors to wandb; every member is an ordinary run folder, so ``bench status``,
 ``bench report`` and ``bench check`` read it like any other.
 
@@ -26,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench import store
+from bench import lease, store
 from bench.executors.worker import RunState
 from bench.grid import Cell
 from bench.loop import RunContext, train_group_cells, vectorize_problems, write_config
@@ -109,58 +110,103 @@ def run_group(
     """Train the group ``cells`` (seeds of one arm) into their run folders; one status dict per cell, in order.
 
     Per member as :func:`bench.executors.worker.run_one` does per run: a finished run is skipped
-    (``{"status": ..., "skipped": True}``), a damaged one moved aside and trained again, ``config.json``
-    written once, ``state.json`` set to running (attempts, heartbeat at most every 15 s) and to the
-    outcome, a wandb mirror per run when enabled. The others train together (``bench.loop.train_group``);
-    a crash of the group is recorded as ``error.json`` in each member's folder. ``ctx`` is shared (device,
-    threads, stop); ``progress(run_id, steps_done, total_steps, loss)`` reports each member's progress.
+    (``{"status": ..., "skipped": True}``), a damaged one moved aside and trained again; the run's lease is
+    taken (``bench.lease``) — a member another live process holds is left out of the group
+    (``{"status": "held", "skipped": True, "holder": ...}``) and the status is checked again under the
+    lease; ``config.json`` written once, ``state.json`` set to running (attempts, heartbeat at most every
+    15 s) and to the outcome, a wandb mirror per run when enabled. The others train together
+    (``bench.loop.train_group``); a crash of the group is recorded as ``error.json`` in each member's
+    folder. ``ctx`` is shared (device, threads, stop); the group stops at its next step boundary when any
+    member's lease is lost (that member reports ``interrupted``, ``lease lost to another process``).
+    ``progress(run_id, steps_done, total_steps, loss)`` reports each member's progress. Every lease taken
+    is released with its member's status, also when this raises (e.g. Ctrl-C in the debug executor).
     """
-    # TODO(leases, issue 18 item 2): once bench/lease.py lands on main, take each member's lease here the way
-    # worker.run_one does (lease.acquire(out, job_id); a member held by a live process is left out of the group
-    # and reported {"status": lease.HELD, "skipped": True, "holder": ...}; re-check the status under the lease;
-    # stop the group when any member's lease is lost; release every lease with its member's status).
     results: list[dict[str, Any] | None] = [None] * len(cells)
-    todo: list[int] = []
     out_dirs = [store.run_dir(results_root, c.grid, c.run_id) for c in cells]
-    for i, (cell, out) in enumerate(zip(cells, out_dirs)):
-        check = store.check_run(out)
-        if check.status in store.RunStatus.FINISHED:
-            results[i] = {"status": check.status, "skipped": True}
-            continue
-        if check.status == store.RunStatus.DAMAGED:  # moved aside (never deleted); trained again from an empty folder
-            store.quarantine_run(out, check.reason)
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / store.CONFIG).exists():
-            write_config(cell, out, ctx.code_version, grid_tricks)
-        todo.append(i)
-    if not todo:
+    leases: dict[int, lease.Lease] = {}
+    try:
+        todo: list[int] = []
+        for i, out in enumerate(out_dirs):
+            check = store.check_run(out)
+            if check.status in store.RunStatus.FINISHED:
+                results[i] = {"status": check.status, "skipped": True}
+                continue
+            if check.status == store.RunStatus.DAMAGED:  # moved aside (never deleted); trained again from scratch
+                store.quarantine_run(out, check.reason)
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                leases[i] = lease.acquire(out, job_id)
+            except lease.LeaseHeld as exc:
+                results[i] = {"status": lease.HELD, "skipped": True, "holder": exc.holder}
+                continue
+            status = store.run_status(out)  # again, under the lease: another process may have finished it
+            if status in store.RunStatus.FINISHED:
+                results[i] = {"status": status, "skipped": True}
+                continue
+            todo.append(i)
+        if todo:
+            for i, result in zip(todo, _train_leased_group(cells, out_dirs, todo, leases, ctx, grid_tricks,
+                                                           wandb_cfg, job_id, progress)):  # fmt: skip
+                results[i] = result
         return results  # type: ignore[return-value]
+    finally:
+        for i, held in leases.items():
+            held.release(results[i].get("status") if results[i] is not None else None)
+
+
+def _train_leased_group(
+    cells: Sequence[Cell],
+    out_dirs: list[Path],
+    todo: list[int],
+    leases: dict[int, lease.Lease],
+    ctx: RunContext,
+    grid_tricks: list[str],
+    wandb_cfg: Mapping[str, Any] | None,
+    job_id: str | None,
+    progress: Callable[[str, int, int, float], None] | None,
+) -> list[dict[str, Any]]:
+    """:func:`run_group` once the members ``todo`` hold their leases: config, state.json, train, record."""
     ctxs, states, trackers = [], [], []
+    user_stop = ctx.stop
+    held = [leases[i] for i in todo]
+
+    def stop() -> bool:  # polled at every step boundary, for every member: one lost lease stops the group
+        return any(h.lost for h in held) or (user_stop is not None and user_stop())
+
     for i in todo:
         cell, out = cells[i], out_dirs[i]
+        if not (out / store.CONFIG).exists():
+            write_config(cell, out, ctx.code_version, grid_tricks)
         tracker = None
         if ctx.tracker is None and wandb_cfg and wandb_cfg.get("enabled"):
             from bench.tracking import make_tracker
 
             tracker = make_tracker(cell, out, wandb_cfg, code_version=ctx.code_version)
         run_state = RunState(out, job_id)
-        run_state.set("running", attempts=run_state.data.get("attempts", 0) + 1, started=time.time(), reason=None)
+        attempt = run_state.data.get("attempts", 0) + 1
+        run_state.set("running", attempts=attempt, started=time.time(), reason=None)
+        leases[i].log("train", attempt=attempt, checkpoint=(out / store.CHECKPOINT).exists(), group=len(todo))
         ctxs.append(
             replace(
                 ctx,
                 tracker=tracker or ctx.tracker,
+                stop=stop,
                 on_progress=_member_progress(cell.run_id, run_state, ctx.on_progress, progress),
             )
         )
         states.append(run_state)
         trackers.append(tracker)
     trained = train_group_cells([cells[i] for i in todo], [out_dirs[i] for i in todo], ctxs)
+    results = []
     for i, result, run_state, tracker in zip(todo, trained, states, trackers):
-        run_state.set(result["status"], step=result.get("step", result.get("cost", {}).get("steps")))
+        if leases[i].lost:  # judged dead and taken over: the new holder records this run
+            result = {"status": "interrupted", "step": result.get("step"), "error": "lease lost to another process"}
+        else:
+            run_state.set(result["status"], step=result.get("step", result.get("cost", {}).get("steps")))
         if tracker is not None:
             tracker.finish(result)  # closes the wandb run (bounded; never raises)
-        results[i] = result
-    return results  # type: ignore[return-value]
+        results.append(result)
+    return results
 
 
 def _member_progress(
