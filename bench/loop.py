@@ -986,6 +986,7 @@ class _Group:
         last_progress = 0.0
         for m in members:
             m.model.train()
+        self.skeleton.module.train()  # the module every seed's loss runs (in training mode, as a run's model)
         t0 = time.perf_counter()
 
         def account() -> None:  # the group's shared time since t0, split evenly over the live seeds
