@@ -280,7 +280,7 @@ def test_local_pool_trains_groups_as_units_of_work(tmp_path: Path, capsys: pytes
         assert store.read_json(run_dir / "result.json")["cost"]["vectorized_seeds"] == 2
 
 
-@pytest.mark.slow  # ~40 s: the whole regression grid of toy_diffusion, two seeds per group
+@pytest.mark.slow  # 7-40 s: the whole regression grid of toy_diffusion (24 runs), two seeds per group
 def test_bench_check_reads_vectorized_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The regression grid trained seed-vectorized (seed 0 beside seed 1) passes ``bench check`` against the
     committed baselines: the check reuses the finished run folders as it reuses any other."""
@@ -460,3 +460,21 @@ def test_a_crash_in_a_group_fails_its_unfinished_members_and_a_relaunch_resumes_
     assert [r["status"] for r in again] == ["completed", "completed"] and all(r["cost"]["resumes"] == 1 for r in again)
     whole = train_group(cells, [tmp_path / "whole" / c.run_id for c in cells])
     assert [_same(a["metric"], b["metric"]) for a, b in zip(whole, again)] == [True, True]
+
+
+def test_run_group_leaves_out_a_member_another_process_holds(tmp_path: Path) -> None:
+    """Each member's lease is taken as run_one takes a run's: one held elsewhere is reported ``held`` and left out,
+    the others train as a group; once released it trains on the next launch. Every lease is released after."""
+    from bench import lease
+
+    cells = arm("toy_diffusion", {}, seeds=3)
+    held_dir = store.run_dir(tmp_path, cells[1].grid, cells[1].run_id)
+    held_dir.mkdir(parents=True)
+    other = lease.acquire(held_dir, "9_1")  # as if another launch (a SLURM job) trained it right now
+    results = run_group(cells, tmp_path, RunContext(threads=1), [])
+    assert [r["status"] for r in results] == ["completed", lease.HELD, "completed"]
+    assert results[1]["holder"]["job_id"] == "9_1" and results[0]["cost"]["vectorized_seeds"] == 2
+    assert not any((store.run_dir(tmp_path, c.grid, c.run_id) / lease.LEASE).exists() for c in cells[::2])
+    other.release(None)
+    again = run_group(cells, tmp_path, RunContext(threads=1), [])
+    assert [r.get("skipped", False) for r in again] == [True, False, True] and again[1]["status"] == "completed"
