@@ -851,7 +851,7 @@ class TaskStats:
     notes: list[str] = field(default_factory=list)
     #: every metric column this task's runs report (primary first) -> higher is better (None: no direction)
     metric_directions: dict[str, bool | None] = field(default_factory=dict)
-    code_versions: dict[str, int] = field(default_factory=dict)  # code digest -> finished runs analysed
+    code_versions: dict[str, int] = field(default_factory=dict)  # code part -> versions among its runs (if > 1)
     stale_runs: int = 0  # finished runs analysed that today's code would not reproduce
     stale_parts: list[str] = field(default_factory=list)  # which parts of the code changed since they trained
     memory_approximate: bool = True  # some run's peak memory is a CPU reading (sampled), not an allocator peak
@@ -869,7 +869,7 @@ class TaskStats:
     @property
     def code_mixed(self) -> bool:
         """The runs compared were trained by different code, or by code other than today's."""
-        return len(self.code_versions) > 1 or self.stale_runs > 0
+        return bool(self.code_versions) or self.stale_runs > 0
 
 
 def _metric_columns(runs: pd.DataFrame, primary: str | None = None) -> list[str]:
@@ -896,22 +896,56 @@ def _direction_of(name: str, metric: str, higher_is_better: bool, declared: dict
 
 
 def _code_of_runs(runs: pd.DataFrame) -> tuple[dict[str, int], int, list[str]]:
-    """(code digest -> runs, stale runs, changed parts) of the finished runs in ``runs``."""
+    """(code part -> versions among the finished runs in ``runs``, for parts with more than one; stale runs;
+    the parts today's code changed for them).
+
+    A part is the loop, the task or one trick (``bench.fingerprint``): runs of different arms differ in the
+    tricks they import, which is no mixing; two digests of the *same* part are. Reads the ``code_parts``
+    column (:func:`analyze_grid` adds it from each run's config.json) and load_grid's ``stale`` columns.
+    """
     if not len(runs) or "status" not in runs:
         return {}, 0, []
     done = runs[runs["status"].isin(store.RunStatus.FINISHED)]
-    codes: dict[str, int] = {}
-    if "code" in done:
-        for digest in done["code"].fillna("").astype(str):
-            codes[digest or "unknown"] = codes.get(digest or "unknown", 0) + 1
-    stale, parts = 0, []
+    seen: dict[str, set[str]] = {}
+    if "code_parts" in done:
+        for parts in done["code_parts"]:
+            for part, digest in (parts if isinstance(parts, dict) else {}).items():
+                seen.setdefault(part, set()).add(digest)
+    versions = {part: len(d) for part, d in sorted(seen.items()) if len(d) > 1}
+    stale, changed = 0, []
     if "stale" in done:
         mask = done["stale"].fillna(False).astype(bool)
         stale = int(mask.sum())
         if "stale_parts" in done:
             for text in done.loc[mask, "stale_parts"].fillna("").astype(str):
-                parts += [p for p in text.split("; ") if p and p not in parts]
-    return codes, stale, parts
+                changed += [p for p in text.split("; ") if p and p not in changed]
+    return versions, stale, changed
+
+
+def code_parts(fingerprint: Any) -> dict[str, str]:
+    """``{"loop": digest, "task": digest, "trick <name>": digest}`` of a run's recorded fingerprint ({} if none)."""
+    if not isinstance(fingerprint, dict):
+        return {}
+    out = {"loop": str(fingerprint.get("loop"))}
+    task = fingerprint.get("task")
+    if isinstance(task, dict):
+        out["task"] = str(task.get("digest"))
+    for name, part in (fingerprint.get("tricks") or {}).items():
+        if isinstance(part, dict):
+            out[f"trick {name}"] = str(part.get("digest"))
+    return out
+
+
+def _code_parts_of(gdir: Path, runs: pd.DataFrame) -> list[dict[str, str]]:
+    """:func:`code_parts` of every run of ``runs`` from its config.json (verified by load_grid already)."""
+    out = []
+    for rid in runs["run_id"]:
+        try:
+            meta = store.read_json(Path(gdir) / "runs" / str(rid) / store.CONFIG)
+        except (OSError, ValueError):
+            meta = {}
+        out.append(code_parts(meta.get("fingerprint") if isinstance(meta, dict) else None))
+    return out
 
 
 def _status_counts(runs: pd.DataFrame, arms: tuple[str, ...]) -> str:
@@ -1258,7 +1292,7 @@ def _verdicts(
                 "memory_low": c["memory_low"] if c is not None else nan,
                 "memory_high": c["memory_high"] if c is not None else nan,
                 "memory_approximate": bool(c["memory_approximate"]) if c is not None else True,
-                "code_mixed": len(codes) > 1 or stale > 0,
+                "code_mixed": bool(codes) or stale > 0,
                 "aliases": ", ".join(term.aliases),
             }
         )
@@ -1381,6 +1415,8 @@ def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
     ids = {c.run_id for c in cells}
     everything = store.load_grid(gdir)
     runs = everything[everything["run_id"].isin(ids)] if len(everything) else everything
+    if len(runs):
+        runs = runs.assign(code_parts=_code_parts_of(gdir, runs))
     out_of_spec = int((~everything["run_id"].isin(ids)).sum()) if len(everything) else 0
     checks = {c.run_id: store.check_run(gdir / "runs" / c.run_id, deep=True) for c in cells}
     counts: dict[str, int] = {}
