@@ -2,11 +2,11 @@
 
 Called by ``bench/report.py``; inputs are the frames of ``bench.store`` and the
 :class:`bench.stats.TaskStats` of a task. Each function writes ``<name>.png`` (with its title,
-for the HTML page), ``<name>.svg`` and ``<name>.pdf`` (vector, without the title: for a paper,
-captioned there) and ``<name>.json``: the numbers every panel draws, one row per line or
-interval (:func:`empty_panels` reads it back; a test checks that no panel of a report is
-empty). A panel without data is not drawn. Returns the PNG's path, or None when the figure
-would have no panel at all.
+for the HTML page), ``<name>.svg`` (vector, without the title: for a paper, captioned there)
+and ``<name>.json``: the numbers every panel draws, one row per line or interval
+(:func:`empty_panels` reads it back; a test checks that no panel of a report is empty). A
+panel without data is not drawn. Returns the PNG's path, or None when the figure would have no
+panel at all.
 
 Every trick has one colour in every figure of a report (:func:`set_trick_order`: its place in
 the grid's trick list); the reference arm is black. Nothing here imports torch or a registry:
@@ -51,11 +51,13 @@ __all__ = [
 ]
 
 DPI = 110
-FIGURE_FORMATS = ("png", "svg", "pdf")  # the PNG has the title; the vector files are for papers (no title)
+#: the PNG has the title (the HTML page embeds it); the SVG is for papers (no title: the caption says it). A PDF
+#: costs 5–10× an SVG to write (TrueType subsetting); add "pdf" here, or convert the SVG, when a venue wants one
+FIGURE_FORMATS = ("png", "svg")
 MAX_FOREST_COLUMNS = 3  # forest panels per row
 OUTPUT_ARMS_PER_PAGE = 8  # arms per outputs figure; more arms make more pages
 matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text in the SVG (small, searchable, editable)
-matplotlib.rcParams["pdf.fonttype"] = 42  # TrueType in the PDF (editable in a paper's figure tools)
+matplotlib.rcParams["pdf.fonttype"] = 42  # TrueType in a PDF (editable in a paper's figure tools)
 
 #: the colour of each verdict class (bench.stats.verdict_class) in every figure and in the HTML page
 VERDICT_COLORS = {

@@ -1,4 +1,4 @@
-"""Reports of a grid: ``report.md`` + self-contained ``report.html`` + ``figures/`` + ``effects.csv`` + ``report.json``.
+"""Reports of a grid: ``report.md``, a self-contained ``report.html``, ``figures/``, ``effects.csv``, ``report.json``.
 
 Called at the end of ``bench run`` and by ``bench report`` (:func:`write_report`);
 :func:`terminal_summary` is the short table printed after a run. Reads only the store and

@@ -155,6 +155,7 @@ def test_one_at_a_time_report_with_divergence(oaat: Path) -> None:
     assert gdir / "figures" / "overview.png" in figures
     _check_self_contained(gdir, figures)
     assert "render_outputs" in md  # the synthetic task draws nothing, and the report says so
+    assert "mixes code versions" not in md  # arms import different tricks: that is not mixed code
 
     # the numbers in the report are those of the stored runs
     runs = store.load_grid(gdir)
@@ -234,11 +235,7 @@ def test_first_screen_is_sorted_coloured_and_the_page_has_contents_and_vector_fi
 
     for name in ("overview", "synthetic_forest", "synthetic_cost", "synthetic_stability", "synthetic_learning_curves"):
         assert (oaat / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml"), name
-        assert (oaat / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF"), name
-        assert (
-            f"(figures/{name}.png) ([SVG](figures/{name}.svg) · [PDF](figures/{name}.pdf))"
-            in (oaat / "report.md").read_text()
-        )
+        assert f"(figures/{name}.png) ([SVG](figures/{name}.svg))" in (oaat / "report.md").read_text()
 
 
 def test_report_of_a_finished_grid_imports_no_torch_and_no_task_module(oaat: Path, tmp_path: Path) -> None:
@@ -296,7 +293,6 @@ def test_out_of_spec_runs_and_mixed_code_are_said(oaat: Path, tmp_path: Path, mo
 
     # seed 1 trained by another loop: two versions of one part among the runs compared (runs of different arms
     # differ in the tricks they import, which is no mixing: the grid as trained reports none)
-    assert "mixes code versions" not in write_report(gdir).read_text()
     parts_of = stats._code_parts_of
 
     def code_parts_of(gdir: Path, runs: pd.DataFrame) -> list[dict[str, str]]:
