@@ -143,10 +143,18 @@ def empty_panels(data: dict[str, Any]) -> list[str]:
     return [p["title"] for p in panels if not _has_data(p["rows"])]
 
 
-def _save(fig: plt.Figure, path: Path, panels: list[dict[str, Any]], formats: Sequence[str] = FIGURE_FORMATS) -> Path:
-    """Write the figure as PNG (titled) and vector files (untitled), and its panels' numbers as JSON."""
+def _save(
+    fig: plt.Figure,
+    path: Path,
+    panels: list[dict[str, Any]],
+    formats: Sequence[str] = FIGURE_FORMATS,
+    layout: bool = True,
+) -> Path:
+    """Write the figure as PNG (titled) and vector files (untitled), and its panels' numbers as JSON.
+    ``layout=False``: the caller laid the figure out already."""
     path = Path(path)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=DPI)
     vector = [f for f in formats if f != "png"]
     if vector and fig._suptitle is not None:  # the suptitle's only handle; the caption says it in a paper
@@ -312,12 +320,9 @@ def overview_figure(tasks: Sequence[TaskStats], path: Path) -> Path | None:
         if any(r[4] == k for _, rows, _ in panels_in for r in rows)
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(
-        f"Standardised paired effects d_z with 95% CI, right = better (grey band: |d_z| < {MIN_EFFECT_SIZE})",
-        fontsize=10,
-    )
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(fig, path, panels)
+    fig.suptitle(f"paired effects d_z, 95% CI; right = better; grey: |d_z| < {MIN_EFFECT_SIZE}", fontsize=9)
+    fig.tight_layout(rect=(0, min(0.3, 0.45 / fig.get_figheight()), 1, 1))  # room for the legend below
+    return _save(fig, path, panels, layout=False)
 
 
 def forest_plot(ts: TaskStats, path: Path, metrics: Sequence[str] | None = None) -> Path | None:

@@ -100,11 +100,15 @@ def _effect(mean: Any, lo: Any, hi: Any, n: Any = None) -> str:
     return f"{mean:+.3g}{ci}"
 
 
+def _pct_number(x: float) -> str:
+    return f"{x:+.2f}" if abs(x) < 1 else f"{x:+.3g}"  # no 6.8e-05: below 1 % two decimals say enough
+
+
 def _pct(pct: Any, lo: Any, hi: Any) -> str:
     if not _finite(pct):
         return "—"
-    ci = f" [{lo:+.3g}, {hi:+.3g}]" if _finite(lo) and _finite(hi) else ""
-    return f"{pct:+.3g}%{ci}"
+    ci = f" [{_pct_number(lo)}, {_pct_number(hi)}]" if _finite(lo) and _finite(hi) else ""
+    return f"{_pct_number(pct)}%{ci}"
 
 
 def _ratio(r: Any, lo: Any = None, hi: Any = None, approx: bool = False) -> str:
@@ -236,9 +240,9 @@ class _Doc:
         return "\n".join(out)
 
     def html(self, title: str) -> str:
-        verdict_css = "".join(
-            f".v-{cls.replace(' ', '-')}{{background:{color}1f;border-left:4px solid {color}}}"
-            f".v-{cls.replace(' ', '-')} b{{color:{color}}}"
+        verdict_css = "".join(  # more specific than the striped rows' background
+            f"tbody tr td.v-{cls.replace(' ', '-')}{{background:{color}1f;border-left:4px solid {color}}}"
+            f"td.v-{cls.replace(' ', '-')} b{{color:{color}}}"
             for cls, color in VERDICT_COLORS.items()
         )
         out = [

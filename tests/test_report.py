@@ -33,13 +33,13 @@ from bench.report import _output_arms, terminal_summary, write_report
 from bench.runner import write_grid_spec
 from bench.spec import parse_spec
 from bench.stats import analyze_grid
+from tests.report_checks import check_no_empty_panel_or_row
 from tests.synthetic_task import Synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SYNTH_TRAIN = {"budget_samples": 1024, "batch_size": 32, "eval_every_samples": 256, "checkpoint_every_samples": 512}
 TASK_SECTIONS = ["verdicts", "arms", "effects on every metric", "learning curves", "stability", "cost", "outputs"]
-EMPTY_CELLS = {"", "—", "0", "0 / 0 / 0", "0 (0)"}
 
 
 class SyntheticMAE(Synthetic):
@@ -120,27 +120,6 @@ def _check_self_contained(gdir: Path, figures: list[Path]) -> str:
     return page
 
 
-def _empty_rows(report: dict) -> list[str]:
-    return [
-        f"{t['section']}: {row}"
-        for t in report["tables"]
-        for row in t["rows"]
-        if all(str(c).strip() in EMPTY_CELLS for c in row[1:])
-    ]
-
-
-def _check_no_empty_panel_or_row(gdir: Path) -> dict:
-    """From the data the report wrote (report.json: every table; figures/*.json: what each panel draws)."""
-    report = json.loads((gdir / "report.json").read_text())
-    assert not _empty_rows(report)
-    for fig in report["figures"]:
-        assert fig["panels"], fig["file"]
-        assert not plots.empty_panels(fig), fig["file"]
-    for sidecar in (gdir / "figures").glob("*.json"):  # also figures the report draws but does not list
-        assert not plots.empty_panels(json.loads(sidecar.read_text())), sidecar.name
-    return report
-
-
 def test_one_at_a_time_report_with_divergence(oaat: Path) -> None:
     gdir = oaat
     md = (gdir / "report.md").read_text()
@@ -203,7 +182,7 @@ def test_each_task_reports_its_own_metrics_and_no_panel_or_row_is_empty(oaat: Pa
     }
     assert forest == {"synthetic": ["test_mse"], "synthetic_mae": ["test_mae", "fit_r2"]}
     assert not (oaat / "figures" / "unstable_forest.png").exists()  # no pair: no forest, and no empty one
-    report = _check_no_empty_panel_or_row(oaat)
+    report = check_no_empty_panel_or_row(oaat)
     arms = next(t for t in report["tables"] if t["section"] == "synthetic_mae: arms")
     assert arms["header"][2:4] == ["test_mae", "fit_r2"]
 
@@ -326,7 +305,7 @@ def test_fractional_factorial_report_states_resolution_aliases_and_interactions(
     figures = _figures(gdir)
     assert gdir / "figures" / "synthetic_interactions.png" in figures
     _check_self_contained(gdir, figures)
-    _check_no_empty_panel_or_row(gdir)
+    check_no_empty_panel_or_row(gdir)
     write_report(gdir)  # the same stored runs give the same report
     assert (gdir / "report.md").read_text() == md
 
