@@ -38,6 +38,7 @@ __all__ = [
     "VERDICT_COLORS",
     "arm_color",
     "cost_chart",
+    "effect_gain",
     "empty_panels",
     "forest_plot",
     "interaction_heatmap",
@@ -261,11 +262,21 @@ def _grid_of(n: int, ncols: int, width: float, height: float) -> tuple[plt.Figur
 
 
 # --- the figures ---------------------------------------------------------------------------------------------------
+def effect_gain(v: Any, higher_is_better: bool) -> float:
+    """A trick's effect signed so that larger = better: in % of the trick-off metric when known (the order of
+    the report's summary table)."""
+    for col in ("effect_pct", "mean"):
+        if _finite(v[col]):
+            return float(v[col]) if higher_is_better else -float(v[col])
+    return -math.inf
+
+
 def overview_figure(tasks: Sequence[TaskStats], path: Path) -> Path | None:
     """Every trick of every task on one scale: the standardised paired effect d_z (mean / sd of the per-seed
-    differences) with its 95% interval, oriented so that right = better, one panel per task, tricks sorted
-    by effect, coloured by verdict (rliable-style interval estimates). Tricks without a d_z (fewer than 2
-    usable seeds) are named under their panel; None when no task has one.
+    differences) with its 95% interval, oriented so that right = better, one panel per task, tricks in the
+    order of the summary table (by effect, best first), coloured by verdict (rliable-style interval
+    estimates). Tricks without a d_z (fewer than 2 usable seeds) are named under their panel; None when no
+    task has one.
     """
     panels_in: list[tuple[TaskStats, list[tuple[str, float, float, float, str]], list[str]]] = []
     for ts in tasks:
@@ -277,16 +288,17 @@ def overview_figure(tasks: Sequence[TaskStats], path: Path) -> Path | None:
             if math.isnan(dz):
                 missing.append(str(v["term"]))
                 continue
-            rows.append((str(v["term"]), dz, lo, hi, str(v["verdict_class"])))
+            rows.append((str(v["term"]), dz, lo, hi, str(v["verdict_class"]), effect_gain(v, ts.higher_is_better)))
         if rows:
-            rows.sort(key=lambda r: -r[1])
-            panels_in.append((ts, rows, missing))
+            rows.sort(key=lambda r: -r[5])  # the order of the report's summary table: by effect, best first
+            panels_in.append((ts, [r[:5] for r in rows], missing))
     if not panels_in:
         return None
     points = [abs(r[1]) for _, rows, _ in panels_in for r in rows if math.isfinite(r[1])]
     lim = float(np.clip(1.5 * max(points, default=1.0), 1.5, 6.0))
     n_rows = max(len(rows) for _, rows, _ in panels_in)
-    fig, axes = _grid_of(len(panels_in), 4, 4.0, 0.42 * n_rows + 1.9)
+    ncols = 3 if len(panels_in) in (3, 5, 6) else 2  # wide enough to read when the page scales it down
+    fig, axes = _grid_of(len(panels_in), ncols, 4.0, 0.42 * n_rows + 1.9)
     panels = []
     for ax, (ts, rows, missing) in zip(axes, panels_in):
         labels = []

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from bench import plots, store
-from bench.plots import VERDICT_COLORS, arm_color, learning_curves
+from bench.plots import VERDICT_COLORS, arm_color, effect_gain, learning_curves
 from bench.stats import (
     ALPHA,
     CONFIDENCE,
@@ -446,14 +446,6 @@ def _warnings(doc: _Doc, gs: GridStats) -> None:
         )
 
 
-def _gain(v: Any, hib: bool) -> float:
-    """Sort key of a trick on the first screen: its effect signed so that larger = better (% when known)."""
-    for col in ("effect_pct", "mean"):
-        if _finite(v[col]):
-            return float(v[col]) if hib else -float(v[col])
-    return -math.inf
-
-
 def _answer(doc: _Doc, gs: GridStats, figdir: Path) -> None:
     """The first screen: per task the tricks sorted by effect, coloured by verdict; then the overview figure."""
     doc.heading(2, "Answer")
@@ -478,7 +470,7 @@ def _answer(doc: _Doc, gs: GridStats, figdir: Path) -> None:
         header = ["trick", "verdict", f"Δ {ts.metric}, % of trick off [{CONFIDENCE:.0%} CI]", "p (Holm)",
                   "seeds improved", "seeds for a verdict", "time ×", "memory ×"]  # fmt: skip
         rows = []
-        order = sorted(ts.verdicts.iterrows(), key=lambda kv: -_gain(kv[1], ts.higher_is_better))
+        order = sorted(ts.verdicts.iterrows(), key=lambda kv: -effect_gain(kv[1], ts.higher_is_better))
         for _, v in order:
             effect = _pct(v["effect_pct"], v["effect_pct_low"], v["effect_pct_high"])
             if effect == "—" and _finite(v["mean"]):  # no usable base value: the effect in the metric's units
@@ -914,7 +906,7 @@ def terminal_summary(gdir: Path, stats: GridStats | None = None) -> str:
               "seeds"]  # fmt: skip
     rows = []
     for ts in gs.tasks:
-        order = sorted(ts.verdicts.iterrows(), key=lambda kv: -_gain(kv[1], ts.higher_is_better))
+        order = sorted(ts.verdicts.iterrows(), key=lambda kv: -effect_gain(kv[1], ts.higher_is_better))
         for _, v in order:
             rows.append(
                 [
