@@ -156,7 +156,7 @@ class _Cell:
 
 
 def _slug(text: str, used: set[str]) -> str:
-    base = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "section"
+    base = re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-") or "section"  # as GitHub writes anchors
     slug, n = base, 1
     while slug in used:
         n += 1
