@@ -21,6 +21,14 @@ differently in the last bits, and a few dozen training steps amplify that to ~1e
 ``other_platform`` is set about 10× above the drift measured by forcing other SIMD levels
 (``results/baselines/README.md``) — coarser, so re-pin on the CI platform for a bit-level check.
 
+Plugin tasks bring their own regression grid and baselines, found in one of two ways:
+
+- the task class declares ``regression_spec`` (a path to its regression grid) and
+  ``regression_baselines`` (the folder of its ``<task>.json``): ``bench check`` then checks it like
+  a built-in task (``bench check``, ``bench check --task NAME``, ``--update``);
+- ``bench check --spec PATH --baselines DIR`` checks the regression grid at PATH (one task block)
+  against ``DIR/<task>.json``, whatever declares it.
+
 Exit status: 0 every value within tolerance; 1 something moved (each printed as task /
 trick / value: old → new, Δ, tolerance) or a run failed; 2 bad input — e.g. a missing
 baseline, which is reported before anything trains. ``--update`` re-pins the baselines
@@ -47,7 +55,7 @@ from typing import Any
 from bench import store
 from bench.grid import Cell, expand
 from bench.spec import GridSpec, load_spec
-from experiments.registry import task_names
+from experiments.registry import get_task, task_names
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -56,6 +64,7 @@ __all__ = [
     "add_arguments",
     "arm_key",
     "baseline_path",
+    "baselines_dir",
     "compare",
     "platform_fingerprint",
     "regression_spec_path",
@@ -86,12 +95,26 @@ _FINISHED = store.RunStatus.FINISHED
 
 
 def regression_spec_path(task: str) -> Path:
-    """The regression grid of ``task`` (``experiments/grids/regression_<task>.yaml``)."""
-    return GRIDS_DIR / f"regression_{task}.yaml"
+    """The regression grid of ``task``: ``experiments/grids/regression_<task>.yaml``, else the path the task
+    class declares as ``regression_spec`` (plugins), else the built-in path (which then does not exist)."""
+    builtin = GRIDS_DIR / f"regression_{task}.yaml"
+    if builtin.is_file():
+        return builtin
+    declared = getattr(get_task(task), "regression_spec", None)
+    return Path(declared) if declared else builtin
+
+
+def baselines_dir(task: str, given: Path | None = None) -> Path:
+    """Where ``task``'s baseline lives: ``given`` (``--baselines``), else the folder the task class declares as
+    ``regression_baselines`` (plugins), else ``results/baselines/`` of this checkout."""
+    if given is not None:
+        return Path(given)
+    declared = getattr(get_task(task), "regression_baselines", None)
+    return Path(declared) if declared else DEFAULT_BASELINES
 
 
 def regression_tasks() -> list[str]:
-    """Tasks that have a regression grid, in registry order."""
+    """Tasks that have a regression grid (built-in or declared by the task class), in registry order."""
     return [t for t in task_names() if regression_spec_path(t).is_file()]
 
 
@@ -231,17 +254,16 @@ def spec_digest(spec: GridSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_baseline(path: Path, task: str) -> dict[str, Any]:
+def _load_baseline(path: Path, task: str, update_hint: str = "") -> dict[str, Any]:
+    update = update_hint or f"bench check --update --task {task}"
     if not path.is_file():
         raise FileNotFoundError(
-            f"no baseline for task {task!r}: {path} does not exist; create it with "
-            f"`bench check --update --task {task}` (and commit it)"
+            f"no baseline for task {task!r}: {path} does not exist; create it with `{update}` (and commit it)"
         )
     data = json.loads(path.read_text())
     if data.get("format") != BASELINE_FORMAT or data.get("task") != task or "arms" not in data:
         raise ValueError(
-            f"{path}: not a baseline of task {task!r} in format {BASELINE_FORMAT}; re-create it with "
-            f"`bench check --update --task {task}`"
+            f"{path}: not a baseline of task {task!r} in format {BASELINE_FORMAT}; re-create it with `{update}`"
         )
     problem = _tolerance_problems(data.get("tolerances"))
     if problem:
@@ -312,7 +334,17 @@ def _collect(cells: list[Cell], results_root: Path) -> tuple[dict[str, dict[str,
     return arms, failures
 
 
-def _baseline_doc(task: str, spec: GridSpec, arms: dict[str, dict[str, Any]], old: dict | None) -> dict[str, Any]:
+def _grid_label(spec_path: Path, baseline_file: Path) -> str:
+    """How a baseline names its regression grid: relative to the repository, else to the baseline's folder."""
+    spec_path = Path(spec_path).resolve()
+    if spec_path.is_relative_to(REPO_ROOT):
+        return str(spec_path.relative_to(REPO_ROOT))
+    return os.path.relpath(spec_path, Path(baseline_file).resolve().parent)
+
+
+def _baseline_doc(
+    task: str, spec: GridSpec, arms: dict[str, dict[str, Any]], old: dict | None, spec_path: Path, path: Path
+) -> dict[str, Any]:
     from bench.runner import code_version
 
     # hand-tuned tolerances survive a re-pin
@@ -320,7 +352,7 @@ def _baseline_doc(task: str, spec: GridSpec, arms: dict[str, dict[str, Any]], ol
     return {
         "format": BASELINE_FORMAT,
         "task": task,
-        "grid": str(regression_spec_path(task).relative_to(REPO_ROOT)),
+        "grid": _grid_label(spec_path, path),
         "spec_digest": spec_digest(spec),
         "code_version": code_version(),
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -366,12 +398,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "there are reused, not retrained — use a fresh folder after changing code",
     )
     parser.add_argument(
+        "--spec",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="check this regression grid (one task block; e.g. a plugin's) against <baselines>/<task>.json "
+        "(repeatable; with --update: pin it)",
+    )
+    parser.add_argument(
         "--baselines",
         type=Path,
-        default=DEFAULT_BASELINES,
-        help=f"baseline folder (default: {DEFAULT_BASELINES.relative_to(REPO_ROOT)} of this checkout)",
+        default=None,
+        help=f"baseline folder of every checked task (default: {DEFAULT_BASELINES.relative_to(REPO_ROOT)} of this "
+        "checkout; a plugin task's own folder when its class declares regression_baselines)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _spec_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Task -> regression grid to check: ``--task`` names, ``--spec`` files (their one task), else every task with
+    one. Errors (missing grid, a spec that is not one task block, a task twice) before anything trains."""
+    out: dict[str, Path] = {}
+    for task in dict.fromkeys(args.task or []):
+        path = regression_spec_path(task)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--task {task}: no regression grid {path}; tasks with one: {', '.join(regression_tasks()) or 'none'} "
+                "(or give one with --spec PATH)"
+            )
+        out[task] = path
+    for path in getattr(args, "spec", None) or []:
+        task = _load_regression_spec(path).tasks[0].task
+        if task in out:
+            raise ValueError(f"--spec {path}: task {task!r} is already checked (from {out[task]}); allowed: once")
+        out[task] = Path(path)
+    if not out:
+        out = {task: regression_spec_path(task) for task in regression_tasks()}
+    if not out:
+        raise FileNotFoundError(f"no regression grids (regression_<task>.yaml) in {GRIDS_DIR}")
+    return out
+
+
+def _load_regression_spec(path: Path, task: str | None = None) -> GridSpec:
+    """A regression grid: a spec with exactly one task block (of ``task`` when given)."""
+    spec = load_spec(path)
+    if len(spec.tasks) != 1 or (task is not None and spec.tasks[0].task != task):
+        found = ", ".join(t.task for t in spec.tasks)
+        raise ValueError(
+            f"{path}: tasks: {found} is not allowed; allowed: exactly one task block"
+            + (f" (of task {task!r})" if task else "")
+        )
+    return spec
+
+
+def _update_hint(args: argparse.Namespace, task: str) -> str:
+    """The command that pins ``task``'s baseline, as this check was asked for."""
+    for path in getattr(args, "spec", None) or []:
+        if _load_regression_spec(path).tasks[0].task == task:
+            bdir = f" --baselines {args.baselines}" if args.baselines is not None else ""
+            return f"bench check --update --spec {path}{bdir}"
+    return f"bench check --update --task {task}" + (f" --baselines {args.baselines}" if args.baselines else "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -379,22 +465,17 @@ def run(args: argparse.Namespace) -> int:
     from bench.executors.local import default_jobs
 
     t0 = time.perf_counter()
-    tasks = list(dict.fromkeys(args.task)) if args.task else regression_tasks()
-    if not tasks:
-        raise FileNotFoundError(f"no regression grids (regression_<task>.yaml) in {GRIDS_DIR}")
+    spec_paths = _spec_paths(args)  # task -> its regression grid; errors before anything trains
+    tasks = list(spec_paths)
     jobs = default_jobs() if args.jobs is None else args.jobs
     if jobs < 1:
         raise ValueError(f"--jobs: {jobs} is not allowed; allowed: an integer ≥ 1")
-    specs: dict[str, GridSpec] = {}
-    for task in tasks:
-        path = regression_spec_path(task)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"--task {task}: no regression grid {path}; tasks with one: {', '.join(regression_tasks()) or 'none'}"
-            )
-        specs[task] = load_spec(path)
+    specs = {task: _load_regression_spec(path, task) for task, path in spec_paths.items()}
+    bdirs = {task: baselines_dir(task, args.baselines) for task in tasks}
     # a missing or unreadable baseline is bad input: say so before anything trains
-    baselines = {} if args.update else {t: _load_baseline(baseline_path(args.baselines, t), t) for t in tasks}
+    baselines = (
+        {} if args.update else {t: _load_baseline(baseline_path(bdirs[t], t), t, _update_hint(args, t)) for t in tasks}
+    )
 
     cells = {t: expand(spec) for t, spec in specs.items()}
     grid_tricks = {ts.label: list(ts.tricks) for spec in specs.values() for ts in spec.tasks}
@@ -419,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     for task in tasks:
         arms, failures = collected[task]
-        path = baseline_path(args.baselines, task)
+        path = baseline_path(bdirs[task], task)
         if args.update:
             if failures:
                 print(f"{task}: NOT updated — {len(failures)} run(s) did not finish")
@@ -427,7 +508,8 @@ def run(args: argparse.Namespace) -> int:
             old = json.loads(path.read_text()) if path.is_file() else None
             changes = _changes(task, old, arms)
             path.parent.mkdir(parents=True, exist_ok=True)
-            store.atomic_write_text(path, json.dumps(_baseline_doc(task, specs[task], arms, old), indent=2) + "\n")
+            doc = _baseline_doc(task, specs[task], arms, old, spec_paths[task], path)
+            store.atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
             print(f"{task}: wrote {path} ({len(changes) if old else 0} value(s) changed)")
             for line in changes if old else []:
                 print(f"  {line}")
@@ -438,7 +520,7 @@ def run(args: argparse.Namespace) -> int:
         n_values = sum(len(a["values"]) for a in arms.values())
         if base.get("spec_digest") != spec_digest(specs[task]):
             print(
-                f"{task}: note — {regression_spec_path(task).name} changed since the baseline was made "
+                f"{task}: note — {spec_paths[task].name} changed since the baseline was made "
                 f"({base.get('created', '?')}); differences are expected: review them, then `--update`"
             )
         if moved:

@@ -25,13 +25,50 @@ examples:
   bench report results/quick                  (re)write report.md and report.html
   bench compare results/old results/new       B − A per arm of two versions of one grid, paired by seed
   bench list                                  tricks, tasks and which tricks apply to which task
-  bench check                                 regression check against results/baselines/
+  bench check                                 regression check against results/baselines/ (and plugins' own)
+  bench selftest mixup mlp_regression         the checks a plugin author runs: smoke, bit-exact resume, on≠off, ...
+  bench equiv mlp_regression ema example_ema  is a re-implementation equivalent to the reference? (paired TOST)
 
 A grid spec is YAML: grid name, design (one_at_a_time | leave_one_out | full_factorial |
 fractional_factorial), seeds, and per task its params, train block and tricks. Results go
 to <results>/<grid>/runs/<run_id>/; re-running a command skips finished runs and resumes
 checkpointed ones. Exit status: 0 ok, 1 some runs failed, 2 invalid input, 130 interrupted,
 141 output pipe closed (e.g. `bench status results/quick | head`).
+
+Your own tricks and tasks (plugins): docs/extending.md.
+"""
+
+SELFTEST_EPILOG = """\
+examples:
+  bench selftest mixup                        a trick: its card, then every task it applies to
+  bench selftest mlp_regression               a task: alone (tiny setting, metric, resume), then every trick on it
+  bench selftest example_ema --task mlp_regression   only the cells of one task (faster)
+
+Checks, each at the task's `tiny` setting (CPU, one thread): card (complete, tiny setting valid),
+smoke (trains), bit-exact resume (interrupted half-way and resumed = uninterrupted: losses, metrics,
+final weights), on ≠ off (switching the trick on changes the run), parameter <name> (every parameter
+moved to another valid value changes the run, or validation rejects it on that task).
+Exit status: 0 every check passed, 1 some check failed, 2 unknown name.
+"""
+
+EQUIV_EPILOG = """\
+examples:
+  bench equiv mlp_regression ema example_ema                   my EMA against the built-in one (10 seeds)
+  bench equiv mlp_regression ema example_ema_buggy --delta 0.002   δ in metric units
+  bench equiv mlp_regression ema ema reference.half_life_samples=1024 candidate.half_life_samples=1100
+  bench equiv toy_diffusion ema posthoc_ema train.budget_samples=65536 --seeds 20
+
+Overrides (Hydra's grammar): params.KEY=V and train.KEY=V set the task block of both arms,
+reference.KEY=V / candidate.KEY=V the settings of that arm's trick, seeds=[...] explicit seeds.
+REFERENCE or CANDIDATE may be `baseline` (no trick: "is this trick equivalent to nothing?").
+
+Both arms (and the baseline) train on the same seeds (paired: the same random streams), into
+results/<grid>/ like any grid (resumable; `bench report` works on it). The answer is a paired TOST
+at --alpha on candidate − reference: "equivalent within ±δ" when the (1 − 2α) confidence interval of
+the mean difference lies inside ±δ, else "not shown equivalent". δ is --delta (metric units) or
+--delta-sd × the sample SD over seeds of the baseline arm's metric. Also printed: per seed the
+largest absolute difference between the two arms' final evaluated weights (0 = identical numbers).
+Exit status: 0 equivalent, 1 not shown equivalent or a run failed, 2 invalid input.
 """
 
 RUN_EPILOG = """\
@@ -111,6 +148,32 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="train again the runs whose code changed since they trained (their tricks', task's or the loop's "
         "source: see config.json's fingerprint); without it they are kept, not resumed, and marked stale",
+    )
+    g = p.add_argument_group(
+        "adaptive seeds (--until-decisive)",
+        "Train in rounds: the first seeds of every arm, then more seeds only for the arms whose verdict is still "
+        "open, until each is decisive (helps / hurts / equivalent within --margin) or has the spec's seeds (the "
+        "cap). Error control stays valid under this stopping (group-sequential repeated intervals, family-wise "
+        "alpha 0.05 per task). The plan is stored in <grid>/adaptive.json: re-launch with the same options.",
+    )
+    g.add_argument("--until-decisive", action="store_true", help="run the grid in rounds until every arm is decisive")
+    g.add_argument("--first-seeds", type=int, default=3, metavar="N", help="seeds of every arm in round 1 (default 3)")
+    g.add_argument(
+        "--round-seeds", type=int, default=3, metavar="N", help="seeds added per open arm per round (default 3)"
+    )
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        metavar="X",
+        help="equivalence margin in the task's metric units: an arm whose interval lies within ±X stops as equivalent",
+    )
+    g.add_argument(
+        "--futility",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="stop an arm whose chance to reach a verdict by the cap is below P (non-binding; default 0: never)",
     )
     p.add_argument(
         "--max-runs",
@@ -222,6 +285,68 @@ def _add_slurm(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_selftest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "selftest",
+        help="check a trick or task (built-in or plugin): smoke, bit-exact resume, on ≠ off, no dead parameter",
+        description="The checks trickbench's own tests run on every registered trick and task, for the names given "
+        "— the one command a plugin author runs. Prints a table of checks as they finish.",
+        epilog=SELFTEST_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="trick or task names (as in `bench list`)")
+    p.add_argument("--task", action="append", metavar="TASK[,TASK]", help="only the cells of these tasks (repeatable)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep the runs in this folder (default: a temporary folder)"
+    )
+
+
+def _add_equiv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "equiv",
+        help="is a re-implementation equivalent to the reference? two arms over paired seeds, paired TOST",
+        description="Equivalence check: train REFERENCE and CANDIDATE (two tricks of one role, or two settings of "
+        "one trick) on TASK over paired seeds and answer 'equivalent within ±δ' or 'not shown equivalent' with the "
+        "confidence interval of the mean difference.",
+        epilog=EQUIV_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("task", help="the task both arms train on")
+    p.add_argument("reference", help="the trusted trick (or `baseline`)")
+    p.add_argument("candidate", help="the trick to check against it (or `baseline`)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="params.K=V, train.K=V, reference.K=V, candidate.K=V"
+    )
+    p.add_argument("--seeds", type=int, default=None, help="paired seeds 0..N-1 (default: 10)")
+    delta = p.add_mutually_exclusive_group()
+    delta.add_argument("--delta", type=float, default=None, help="equivalence margin δ in metric units")
+    delta.add_argument(
+        "--delta-sd",
+        type=float,
+        default=None,
+        metavar="F",
+        help="δ = F × the baseline arm's seed SD (sample SD of its metric over the seeds; default F = 0.25)",
+    )
+    p.add_argument("--metric", default=None, help="the metric compared (default: the task's primary metric)")
+    p.add_argument("--alpha", type=float, default=0.05, help="TOST level: each one-sided test at α (default 0.05)")
+    p.add_argument(
+        "--identical-atol",
+        type=float,
+        default=None,
+        metavar="ATOL",
+        help="the two are meant to compute the same numbers: also require every seed's largest weight "
+        "difference ≤ ATOL (e.g. 0)",
+    )
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results root folder (default: ./results)")
+    p.add_argument("--grid", default=None, help="grid name of the runs (default: equiv-<task>)")
+    p.add_argument(
+        "--executor", choices=("local", "debug"), default="local", help="local process pool (default) or in-process"
+    )
+    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _optional_arguments(module: str, parser: argparse.ArgumentParser) -> None:
     """Let ``module`` declare its own options (``add_arguments(parser)``); absent modules add none."""
     from importlib import import_module
@@ -296,6 +421,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     if argv is None or command == "check":
         _optional_arguments("bench.check", p)
+    _add_selftest(sub)
+    _add_equiv(sub)
     p = sub.add_parser("perf", help="benchmark the harness against a bare PyTorch loop, and the cost of each trick")
     if argv is None or command == "perf":
         _optional_arguments("bench.perf", p)
@@ -303,9 +430,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; overrides of ``bench run`` may also come after options (``run g.yaml --dry-run seeds=2``)."""
+    """Parse ``argv``; overrides of ``run``/``equiv`` may also come after options (``run g.yaml --dry-run seeds=2``)."""
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "equiv"):
         stray = [a for a in extra if a.startswith("-")]
         if stray:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
@@ -323,13 +450,37 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        status = _main(argv)
+        try:
+            status = _main(argv)
+        except Exception as exc:  # a plugin that fails to load: name it, exit 2 (nothing was written)
+            from tricks.plugins import PluginError
+
+            if not isinstance(exc, PluginError):
+                raise
+            print(f"error: {plugin_error_message(exc)}", file=sys.stderr)
+            return 2
         sys.stdout.flush()  # a broken pipe surfaces here rather than at interpreter exit
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a program killed by it
     return status
+
+
+def plugin_error_message(exc: BaseException) -> str:
+    """A broken plugin's error: the message naming distribution and entry point, and where the plugin raised."""
+    import traceback
+
+    text = str(exc)
+    cause = exc.__cause__
+    if cause is not None and cause.__traceback__ is not None:
+        frame = traceback.extract_tb(cause.__traceback__)[-1]
+        text += f"\n  raised at {frame.filename}:{frame.lineno}" + (f": {frame.line}" if frame.line else "")
+    import re
+
+    dist = re.search(r"of distribution '([^']+)'", text)
+    name = dist.group(1) if dist else "<distribution>"
+    return text + f"\n  (fix that plugin, or uninstall it: `pip uninstall {name}`)"
 
 
 def _main(argv: list[str]) -> int:
@@ -363,6 +514,14 @@ def _main(argv: list[str]) -> int:
             from bench.compare import cmd_compare
 
             return cmd_compare(args.grid_a, args.grid_b, args.out)
+        if args.command == "selftest":
+            from bench.commands import cmd_selftest
+
+            return cmd_selftest(args)
+        if args.command == "equiv":
+            from bench.equiv_runner import cmd_equiv
+
+            return cmd_equiv(args)
     except (FileNotFoundError, ValueError) as exc:  # SpecError is a ValueError: bad input, nothing written
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -126,6 +126,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--device cuda (it packs that many runs onto each GPU of an array task)"
         )
     slurm = slurm_options(args)  # ValueError naming the flag: nothing written
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device: {args.device!r} is not allowed here; CUDA is not available on this machine "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); allowed: cpu"
+            )
+    if args.until_decisive:
+        from bench.adaptive import check_launch
+
+        check_launch(launch, args)  # ValueError naming the flag: nothing written
     cluster = None
     if slurm is not None:  # --dry-run too: commands on PATH, controller up, the request fits the cluster
         from bench.executors.slurm import check_cluster
@@ -144,46 +156,58 @@ def cmd_run(args: argparse.Namespace) -> int:
             rdir = store.run_dir(args.results, launch.spec.grid, run_id)
             store.quarantine_run(rdir, f"trained by other code ({'; '.join(parts)} changed)", folder=store.STALE)
         launch = plan_for(launch.spec, args.results, launch.overrides, launch.selection)
+    if args.until_decisive:
+        from bench.adaptive import run_adaptive
+
+        return run_adaptive(launch, args, slurm, version, cluster)
     if slurm is not None:  # damaged runs are moved aside by the array task that retrains them (worker.run_one)
         return _run_slurm(launch, args, slurm, version, cluster)  # grid.yaml written once sbatch accepted
-    moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
-    for run_id, reason, target in moved:
-        print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
-    if moved:
-        launch = plan_for(launch.spec, args.results, launch.overrides, launch.selection)
+    launch = set_aside_damaged(launch, args)
     write_grid_spec(launch.spec, launch.grid_dir, launch.overrides)
-    from bench.executors.local import default_jobs, run_debug, run_local
-
-    wandb_cfg = _wandb_cfg(launch, args)
-    if args.executor == "debug":
-        counts = run_debug(
-            launch.todo,
-            args.results,
-            device=args.device,
-            threads=args.threads,
-            code_version=version,
-            grid_tricks=launch.grid_tricks,
-            show_progress=not args.no_progress,
-            wandb_cfg=wandb_cfg,
-        )
-    else:
-        counts = run_local(
-            launch.todo,
-            args.results,
-            args.jobs or default_jobs(),
-            device=args.device,
-            threads=args.threads,
-            code_version=version,
-            grid_tricks=launch.grid_tricks,
-            show_progress=not args.no_progress,
-            runs_per_gpu=args.runs_per_gpu,
-            wandb_cfg=wandb_cfg,
-        )
+    counts = train_locally(launch.todo, launch, args, version)
     store.write_summary(launch.grid_dir)
     if counts:
         print("trained: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     _write_report(launch.grid_dir, args)
     return 1 if counts.get(store.RunStatus.FAILED) else 0
+
+
+def set_aside_damaged(launch: LaunchPlan, args: argparse.Namespace) -> LaunchPlan:
+    """Move the launch's damaged runs aside (said so) and return the plan that trains them again."""
+    moved = store.set_aside_damaged(store.run_dir(args.results, c.grid, c.run_id) for c in launch.cells)
+    for run_id, reason, target in moved:
+        print(f"run {run_id} is damaged ({reason}): moved aside to {target}; training it again")
+    return plan_for(launch.spec, args.results, launch.overrides, launch.selection) if moved else launch
+
+
+def train_locally(cells: list, launch: LaunchPlan, args: argparse.Namespace, version: str) -> dict[str, int]:
+    """Train ``cells`` with the local or debug executor of ``args``; counts by final status."""
+    from bench.executors.local import default_jobs, run_debug, run_local
+
+    wandb_cfg = _wandb_cfg(launch, args)
+    if args.executor == "debug":
+        return run_debug(
+            cells,
+            args.results,
+            device=args.device,
+            threads=args.threads,
+            code_version=version,
+            grid_tricks=launch.grid_tricks,
+            show_progress=not args.no_progress,
+            wandb_cfg=wandb_cfg,
+        )
+    return run_local(
+        cells,
+        args.results,
+        args.jobs or default_jobs(),
+        device=args.device,
+        threads=args.threads,
+        code_version=version,
+        grid_tricks=launch.grid_tricks,
+        show_progress=not args.no_progress,
+        runs_per_gpu=args.runs_per_gpu,
+        wandb_cfg=wandb_cfg,
+    )
 
 
 def _wandb_cfg(launch: LaunchPlan, args: argparse.Namespace) -> dict:
@@ -228,6 +252,7 @@ def _run_slurm(
     """Submit the runs still to train as job arrays; with ``--slurm-wait`` follow them to the end."""
     from bench.executors.slurm import WorkerSettings, submit_grid, wait_for_jobs
     from bench.status import grid_verdict
+    from tricks.plugins import registrations
 
     wandb_cfg = _wandb_cfg(launch, args)
     settings = WorkerSettings(
@@ -239,6 +264,7 @@ def _run_slurm(
         max_requeues=options.max_requeues,
         signal_delay_s=options.signal_delay_s,
         runs_per_gpu=options.runs_per_gpu,
+        registrations=registrations(),
     )
 
     def waiting_for_lock(owner: dict) -> None:
@@ -323,3 +349,39 @@ def cmd_report(grid: Path) -> int:
         print(f"damaged run left out: {run_id} {why}")
     print(f"report: {write_report(grid, stats)}")
     return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """``bench selftest NAME...``: the registry checks as a table; 1 if a check failed; ValueError (2): bad name."""
+    from bench.selftest import cells_for, format_row, iter_selftest
+
+    tasks = [t for item in args.task or [] for t in item.split(",") if t] or None
+    try:
+        planned = {cell for name in args.names for cell in cells_for(name, tasks)}  # every name known, before training
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    if not planned and not any(_is_trick(n) for n in args.names):
+        raise ValueError(f"--task: {', '.join(tasks or [])} leaves no cell of {', '.join(args.names)} to check")
+    print(f"bench selftest {' '.join(args.names)}: {len(planned)} cell(s) at the tasks' tiny settings")
+    print(format_row(), flush=True)
+    failed, total = [], 0
+    t0 = time.perf_counter()
+    for result in iter_selftest(list(args.names), args.workdir, tasks):
+        total += 1
+        print(format_row(result), flush=True)
+        if not result.ok:
+            failed.append(result)
+    elapsed = time.perf_counter() - t0
+    if failed:
+        print(f"\n{len(failed)} of {total} checks FAILED ({elapsed:.0f} s):")
+        for r in failed:
+            print(f"  {r.check} / {r.task} / {r.trick}: {r.detail}")
+        return 1
+    print(f"\nall {total} checks passed ({elapsed:.0f} s)")
+    return 0
+
+
+def _is_trick(name: str) -> bool:
+    from tricks.registry import cards
+
+    return name in cards()

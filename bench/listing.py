@@ -15,7 +15,7 @@ from typing import Any
 
 from tricks.card import ROLES, Param, TrickCard, did_you_mean
 
-__all__ = ["SECTIONS", "describe_task", "describe_trick", "render"]
+__all__ = ["SECTIONS", "describe_task", "describe_trick", "plugin_origin", "render"]
 
 SECTIONS = ("all", "tricks", "tasks", "matrix")
 WIDTH = 100
@@ -57,6 +57,19 @@ def _task_defaults(card: TrickCard, task_cls: Any) -> str:
     return text + (f"   [no effect here, so not settable: {', '.join(dropped)}]" if dropped else "")
 
 
+def plugin_origin(kind: str, name: str) -> str | None:
+    """Where a plugin trick or task (``kind``) comes from (entry point and distribution, or ``register_*``);
+    None for a built-in one."""
+    if kind == "task":
+        from experiments.registry import BUILTIN_TASKS, origin
+
+        return None if name in BUILTIN_TASKS else origin(name)
+    from tricks.registry import BUILTIN_MODULES, origin
+
+    where = origin(name)
+    return None if where in {f"tricks.{m}" for m in BUILTIN_MODULES} else where
+
+
 def describe_trick(card: TrickCard) -> str:
     """The full card of one trick, with the defaults each applicable task uses."""
     from bench.spec import applicable_tricks
@@ -64,6 +77,8 @@ def describe_trick(card: TrickCard) -> str:
 
     tasks = {name: cls for name, cls in available_tasks().items() if card.name in applicable_tricks(cls)}
     lines = [f"{card.name} — {card.summary}", "", f"role: {card.role} ({ROLES[card.role]})"]
+    if (where := plugin_origin("trick", card.name)) is not None:
+        lines.append(f"from: {where}")
     lines += ["", "off:", _wrap(card.off), "on:", _wrap(card.on), "", "parameters:"]
     lines += [_param_line(p) + "\n" + _wrap(p.doc, "      ") for p in card.params] or ["  (none)"]
     lines += ["", "defaults a run uses, per task (card defaults, then the task's own):"]
@@ -83,6 +98,8 @@ def describe_task(task_cls: Any) -> str:
 
     direction = "higher" if task_cls.higher_is_better else "lower"
     lines = [f"{task_cls.name} — {task_cls.summary}", "", f"metric: {task_cls.metric} ({direction} is better)"]
+    if (where := plugin_origin("task", task_cls.name)) is not None:
+        lines.append(f"from: {where}")
     if task_cls.metric_directions:
         lines.append(
             "secondary metrics: "
@@ -128,11 +145,15 @@ def render(what: str) -> str:
             on = ", ".join(t for t in tasks if name in applies[t]) or "(no task)"
             out.append(f"  {name:<24} {card.summary}")
             out.append(f"  {'':<24} role: {card.role}; applies to: {on}")
+            if (where := plugin_origin("trick", name)) is not None:
+                out.append(f"  {'':<24} from: {where}")
     if what in ("all", "tasks"):
         out.append("\nTASKS (`bench list TASK` shows its parameters and its tricks' defaults)")
         for name, cls in tasks.items():
             out.append(f"  {name:<20} {cls.summary}")
             out.append(f"  {'':<20} metric: {cls.metric} ({'higher' if cls.higher_is_better else 'lower'} is better)")
+            if (where := plugin_origin("task", name)) is not None:
+                out.append(f"  {'':<20} from: {where}")
     if what in ("all", "matrix"):
         out.append("\nAPPLICABILITY (task × trick; x = applies)")
         names = list(tasks)

@@ -85,6 +85,8 @@ class LaunchPlan:
             )
         if self.overrides:
             lines.append("overrides: " + " ".join(self.overrides))
+        if self.spec.design == "fractional_factorial":
+            lines += [design_lines(t.label, list(t.tricks), self.spec.fraction) for t in self.spec.tasks if t.tricks]
         if not self.selection.empty:
             lines.append(
                 f"selection {self.selection.describe()}: {len(self.cells)} of the grid's {self.grid_size} runs "
@@ -95,6 +97,23 @@ class LaunchPlan:
     @property
     def grid_tricks(self) -> dict[str, list[str]]:
         return {t.label: list(t.tricks) for t in self.spec.tasks}
+
+
+def design_lines(label: str, tricks: list[str], fraction: int) -> str:
+    """What a fractional factorial of ``tricks`` confounds: resolution, generators, defining relation, aliases."""
+    from bench.designs import fractional_design
+
+    d = fractional_design(len(tricks), fraction)
+    aliases = d.alias_labels(tricks)
+    return (
+        f"{label}: fractional factorial 2^({len(tricks)}-{fraction}) = {len(d.rows)} arms, resolution {d.resolution}"
+        f"; generators {'; '.join(d.generator_labels(tricks))}; defining relation {', '.join(d.word_labels(tricks))}"
+        + (
+            f"; aliased: {'; '.join(aliases)}"
+            if aliases
+            else "; no main effect or two-trick interaction aliased with another"
+        )
+    )
 
 
 def plan(

@@ -1,10 +1,14 @@
 """Registry-driven checks of tricks and tasks — the ones trickbench's own tests run — for any registered name.
 
-``bench selftest NAME...`` (a trick or a task, built-in or from a plugin) runs, on every applicable
-(task, trick) cell at the task's tiny setting:
+``bench selftest NAME...`` (a trick or a task, built-in or from a plugin) is the one command a plugin
+author runs. For a **trick** it checks the card (complete, a tiny setting that validates, known
+incompatible names) and then every (task, trick) cell it applies to; for a **task** it checks the task
+alone (its ``tiny`` setting, its primary metric, bit-exact resume without any trick) and then every
+trick that applies to it. Each cell runs at the task's tiny setting:
 
 - **smoke + resume**: the cell trains, and a run interrupted half-way and resumed equals the
-  uninterrupted one bit for bit (losses, metrics, final weights);
+  uninterrupted one bit for bit (losses, metrics, final weights) — which is what tests a task's
+  ``state_dict``/``load_state_dict`` and a trick object's checkpointed state;
 - **on ≠ off**: switching the trick on changes the run (training losses, the evaluated weights, or
   the final metrics) — a trick nobody wires cannot pass;
 - **no dead parameter**: every parameter of the card, moved to another valid value, changes the run,
@@ -27,7 +31,18 @@ from bench.grid import Cell, expand
 from bench.spec import SpecError, applicable_tricks, parse_spec
 from tricks.card import Param, ParamError
 
-__all__ = ["CheckResult", "alternatives", "differs", "run_signature", "selftest", "tiny_cell"]
+__all__ = [
+    "CheckResult",
+    "alternatives",
+    "cells_for",
+    "differs",
+    "format_row",
+    "format_table",
+    "iter_selftest",
+    "run_signature",
+    "selftest",
+    "tiny_cell",
+]
 
 
 def tiny_cell(task: str, tricks: dict[str, Any], seed: int = 0) -> Cell:
@@ -137,20 +152,102 @@ class CheckResult:
     detail: str = ""
 
 
-def _cells_for(name: str) -> list[tuple[str, str]]:
+def cells_for(name: str, tasks: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """The (task, trick) cells ``bench selftest NAME`` checks; ``trick`` None = the task alone.
+
+    A trick: every task it applies to; a task: the task alone, then every trick that applies to it.
+    ``tasks`` keeps only those tasks. ``KeyError`` naming the known tricks and tasks (with a did-you-mean)
+    for an unknown name, and a task in ``tasks`` that is not registered.
+    """
+    from experiments.registry import get_task, task_names
+    from tricks.card import did_you_mean
+    from tricks.registry import cards
+
+    table, known_tasks = cards(), task_names()
+    for t in tasks or []:
+        if t not in known_tasks:
+            hint = did_you_mean(t, known_tasks)
+            known = ", ".join(known_tasks)
+            raise KeyError(f"--task: unknown task {t!r}; known: {known}" + (f" ({hint})" if hint else ""))
+    keep = set(tasks) if tasks else set(known_tasks)
+    if name in table:
+        return [(t, name) for t in known_tasks if t in keep and name in applicable_tricks(get_task(t))]
+    if name in known_tasks:
+        if name not in keep:
+            return []
+        return [(name, None)] + [(name, trick) for trick in applicable_tricks(get_task(name))]
+    known = sorted({*table, *known_tasks})
+    hint = did_you_mean(name, known)
+    raise KeyError(f"unknown trick or task {name!r}; known: {', '.join(known)}" + (f" ({hint})" if hint else ""))
+
+
+def _check_card(trick: str) -> Iterator[CheckResult]:
+    """The card alone: complete, a tiny setting that validates, incompatible names that exist, a task to run on."""
     from experiments.registry import get_task, task_names
     from tricks.registry import cards
 
     table = cards()
-    if name in table:
-        return [(t, name) for t in task_names() if name in applicable_tricks(get_task(t))]
-    if name in task_names():
-        return [(name, trick) for trick in applicable_tricks(get_task(name))]
-    from tricks.card import did_you_mean
+    card = table[trick]
+    problems = [f"empty {f}" for f in ("summary", "off", "on", "cost", "effect") if not getattr(card, f).strip()]
+    if not card.references:
+        problems.append("no references")
+    try:
+        card.resolve(card.tiny_setting)
+    except ParamError as exc:
+        problems.append(f"tiny_setting does not validate: {exc}")
+    problems += [f"incompatible with unknown trick {o!r}" for o in card.incompatible if o not in table]
+    if not any(trick in applicable_tricks(get_task(t)) for t in task_names()):
+        problems.append("applies to no registered task (role task: list it in a task's `tricks`, or `applies_to`)")
+    yield CheckResult("card", "-", trick, not problems, "; ".join(problems))
 
-    known = sorted({*table, *task_names()})
-    hint = did_you_mean(name, known)
-    raise KeyError(f"unknown trick or task {name!r}; known: {', '.join(known)}" + (f" ({hint})" if hint else ""))
+
+def _check_task(task: str, workdir: Path) -> Iterator[CheckResult]:
+    """The task alone: a tiny setting, its primary metric reported, bit-exact resume with no trick on."""
+    import torch
+
+    from bench.loop import RunContext, train
+    from experiments.registry import get_task
+
+    cls = get_task(task)
+    if not cls.tiny:
+        yield CheckResult("tiny setting", task, "-", False, "Task.tiny is not set: give a seconds-long setting")
+        return
+    try:
+        cell = tiny_cell(task, {})
+    except SpecError as exc:
+        yield CheckResult("tiny setting validates", task, "-", False, str(exc))
+        return
+    full_dir = workdir / "full" / cell.run_id
+    full = train(cell, full_dir, RunContext(threads=1))
+    ok = full["status"] == "completed" and full["cost"]["steps"] >= 2
+    yield CheckResult("smoke", task, "-", ok, "" if ok else f"status {full['status']}, result {full}")
+    if not ok:
+        return
+    has_metric = cls.metric in full["metric"] and isinstance(cls.higher_is_better, bool)
+    yield CheckResult(
+        "primary metric",
+        task,
+        "-",
+        has_metric,
+        "" if has_metric else f"evaluate() returned {sorted(full['metric'])}, not the primary metric {cls.metric!r}",
+    )
+    out = workdir / "resumed" / cell.run_id
+    train(cell, out, RunContext(threads=1, max_steps=full["cost"]["steps"] // 2))
+    resumed = train(cell, out, RunContext(threads=1))
+    a = torch.load(full_dir / "final_model.pt", weights_only=True)
+    b = torch.load(out / "final_model.pt", weights_only=True)
+    same = (
+        resumed["metric"] == full["metric"]
+        and (out / "train.csv").read_text() == (full_dir / "train.csv").read_text()
+        and all(torch.equal(a[k], b[k]) for k in a)
+    )
+    yield CheckResult(
+        "bit-exact resume",
+        task,
+        "-",
+        same,
+        "" if same else "the resumed run differs: state_dict/load_state_dict must carry all mutable task state",
+    )
 
 
 def _check_cell(task: str, trick: str, workdir: Path) -> Iterator[CheckResult]:
@@ -175,11 +272,22 @@ def _check_cell(task: str, trick: str, workdir: Path) -> Iterator[CheckResult]:
     resumed = train(cell, out, RunContext(threads=1))
     a = torch.load(workdir / "full" / cell.run_id / "final_model.pt", weights_only=True)
     b = torch.load(out / "final_model.pt", weights_only=True)
-    same = resumed["metric"] == full["metric"] and all(torch.equal(a[k], b[k]) for k in a)
-    yield CheckResult("bit-exact resume", task, trick, same, "" if same else "the resumed run differs")
+    same = (
+        resumed["metric"] == full["metric"]
+        and (out / "train.csv").read_text() == (workdir / "full" / cell.run_id / "train.csv").read_text()
+        and all(torch.equal(a[k], b[k]) for k in a)
+    )
+    yield CheckResult(
+        "bit-exact resume",
+        task,
+        trick,
+        same,
+        "" if same else "the resumed run differs: the trick object's state_dict must carry all its state",
+    )
     on = run_signature(cell, workdir / "sig")
     off = run_signature(tiny_cell(task, {}), workdir / "sig")
-    yield CheckResult("on ≠ off", task, trick, differs(on, off), "switching the trick on changed nothing")
+    acts = differs(on, off)
+    yield CheckResult("on ≠ off", task, trick, acts, "" if acts else "switching the trick on changed nothing")
     for p in card.params:
         base = dict(card.tiny_setting)
         if p.only_if is not None:
@@ -204,13 +312,55 @@ def _check_cell(task: str, trick: str, workdir: Path) -> Iterator[CheckResult]:
                 continue
             acts = differs(run_signature(probe, workdir / "sig"), reference)
             yield CheckResult(
-                f"parameter {p.name}", task, trick, acts, "" if acts else f"{value!r} → {alt!r} changes nothing"
+                f"parameter {p.name}", task, trick, acts, f"{value!r} → {alt!r}" + ("" if acts else " changes nothing")
             )
 
 
-def selftest(names: list[str], workdir: Path | None = None) -> list[CheckResult]:
-    """Run the registry checks for ``names`` (tricks or tasks); KeyError naming an unknown name."""
-    cells = [cell for name in names for cell in _cells_for(name)]
+def iter_selftest(
+    names: list[str], workdir: Path | None = None, tasks: list[str] | None = None
+) -> Iterator[CheckResult]:
+    """The checks of :func:`selftest`, one result at a time as they finish (for a progress display).
+
+    Every name is resolved before anything trains (``KeyError`` for an unknown one).
+    """
+    plan: list[tuple[str, str | None]] = []
+    for name in names:
+        for cell in cells_for(name, tasks):
+            if cell not in plan:
+                plan.append(cell)
+    from tricks.registry import cards
+
+    table = cards()
     with tempfile.TemporaryDirectory(prefix="trickbench-selftest-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
-        return [result for task, trick in cells for result in _check_cell(task, trick, root)]
+        for name in dict.fromkeys(names):
+            if name in table:
+                yield from _check_card(name)
+        for task, trick in plan:
+            yield from (_check_task(task, root) if trick is None else _check_cell(task, trick, root))
+
+
+def selftest(names: list[str], workdir: Path | None = None, tasks: list[str] | None = None) -> list[CheckResult]:
+    """Run the registry checks for ``names`` (tricks or tasks; ``tasks`` restricts the cells to those tasks).
+
+    ``KeyError`` naming an unknown name, before anything trains.
+    """
+    return list(iter_selftest(names, workdir, tasks))
+
+
+#: column widths of the selftest table (rows are printed as checks finish, so the widths are fixed)
+COLUMNS = (("check", 34), ("task", 18), ("trick", 22), ("result", 6))
+
+
+def format_row(result: CheckResult | None = None) -> str:
+    """One line of the selftest table (the header when ``result`` is None): check, task, trick, PASS/FAIL, detail."""
+    if result is None:
+        cells = [name for name, _ in COLUMNS] + ["detail"]
+    else:
+        cells = [result.check, result.task, result.trick, "PASS" if result.ok else "FAIL", result.detail]
+    return ("  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS)) + "  " + cells[-1]).rstrip()
+
+
+def format_table(results: list[CheckResult]) -> str:
+    """The results as a text table with a header (see :func:`format_row`)."""
+    return "\n".join([format_row(), *(format_row(r) for r in results)])

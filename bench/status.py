@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import store
+from bench import lease, store
 
 __all__ = ["STATUS_ORDER", "RunView", "cmd_status", "grid_verdict", "log_tail", "run_view", "view_run"]
 
@@ -159,6 +159,9 @@ def view_run(rdir: Path, job: str | None, queue: Mapping[str, Any] | None, grid_
     age = counts["heartbeat_age_s"]
     seen = f"{age:.0f} s ago" if age is not None else ""
     wstate = state.get("state")
+    holder = lease.holder(rdir)  # the run's lease: who trains it right now (any executor, any host)
+    if holder is not None:
+        return RunView("running", f"{step}{lease.describe(holder)}", **counts)
     if wstate == "running" and _alive(state, queued):
         return RunView("running", f"on {state.get('host')} (pid {state.get('pid')}), {step}seen {seen}", **counts)
     if wstate in ("requeued", "interrupted") and queued is not None:

@@ -100,6 +100,10 @@ class Task(ABC):
     dense_grads: ClassVar[bool] = False
     #: a seconds-long setting {"params": {...}, "train": {...}} for the registry-driven smoke tests
     tiny: ClassVar[dict[str, dict[str, Any]] | None] = None
+    #: plugin tasks: the task's own `bench check` regression grid (a spec file) and the folder of its baseline
+    #: ``<name>.json`` (built-in tasks use experiments/grids/regression_<name>.yaml and results/baselines/)
+    regression_spec: ClassVar[Path | None] = None
+    regression_baselines: ClassVar[Path | None] = None
 
     @classmethod
     def accepts(cls, card: TrickCard) -> bool:

@@ -15,7 +15,7 @@ from experiments.base import Task
 from tricks.card import did_you_mean
 from tricks.plugins import PluginError, entry_point_objects, record_registration
 
-__all__ = ["BUILTIN_TASKS", "available_tasks", "get_task", "register_task", "task_names"]
+__all__ = ["BUILTIN_TASKS", "available_tasks", "get_task", "origin", "register_task", "task_names"]
 
 # name -> module (fixed here; never a path taken from a spec)
 BUILTIN_TASKS = {
@@ -73,6 +73,14 @@ def get_task(name: str) -> type[Task]:
         hint = did_you_mean(name, known)
         raise KeyError(f"unknown task {name!r}; known: {', '.join(known)}" + (f" ({hint})" if hint else ""))
     return table[name]
+
+
+def origin(name: str) -> str:
+    """Where task ``name`` came from: its built-in module, the entry point and distribution, or ``register_task``."""
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name]
+    get_task(name)
+    return _origin[name]
 
 
 def available_tasks() -> dict[str, type[Task]]:

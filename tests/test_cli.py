@@ -15,6 +15,7 @@ from bench import store
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "numpy", "pandas", "scipy", "matplotlib", "wandb", "experiments.registry", "tricks.registry")
+STATUS_HEAVY = tuple(m for m in HEAVY if m != "numpy")  # numpy (~0.1 s) is fine for status: grid designs use it
 
 
 def _bench(*args: str, **kw) -> subprocess.Popen:
@@ -30,7 +31,8 @@ def test_help_imports_nothing_heavy() -> None:
 import contextlib, io, json, sys
 from bench.cli import main
 seen = {{}}
-for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["status", "--help"], ["report", "--help"], []):
+for argv in (["--help"], ["run", "--help"], ["list", "--help"], ["status", "--help"], ["report", "--help"],
+             ["selftest", "--help"], ["equiv", "--help"], []):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         try:
             code = main(argv)
@@ -44,7 +46,31 @@ print(json.dumps(seen))
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     assert all(not heavy for heavy in seen.values()), seen
-    assert len(seen) == 6
+    assert len(seen) == 8
+
+
+def test_status_of_a_trained_grid_imports_no_torch(tmp_path: Path) -> None:
+    """``bench status`` reads a grid's stored files only: no registry, no task module, no torch (a login node)."""
+    spec = tmp_path / "g.yaml"
+    spec.write_text(
+        "grid: nt\nseeds: 2\ntasks:\n  synthetic:\n    train: {budget_samples: 64, eval_every_samples: 64}\n"
+        "    tricks: [ema]\n"
+    )
+    launch = (
+        "import sys; from experiments.registry import register_task; from tests.synthetic_task import Synthetic\n"
+        "register_task(Synthetic); from bench.cli import main\n"
+        f"sys.exit(main(['run', {str(spec)!r}, '--results', {str(tmp_path / 'r')!r}, '--executor', 'debug', "
+        "'--no-progress', '--no-report']))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", launch], cwd=ROOT, timeout=300).returncode == 0
+    status = (
+        "import sys; from bench.cli import main\n"
+        f"code = main(['status', {str(tmp_path / 'r' / 'nt')!r}])\n"
+        f"print('HEAVY', [m for m in {STATUS_HEAVY!r} if m in sys.modules], code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", status], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "4 completed" in out.stdout and "HEAVY [] 0" in out.stdout, out.stdout
 
 
 def test_help_epilogs_teach_overrides_and_selection(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 import yaml
 
-from bench import store
+from bench import lease, store
 from bench.cli import main
 from bench.loop import RunContext, train
 from bench.runner import plan
@@ -48,6 +54,8 @@ def test_local_pool_then_relaunch_skips_resumes_and_reruns(tmp_path: Path) -> No
 
     launch = plan(spec_path, results)
     assert launch.todo == []  # a finished grid trains nothing
+    trainers = {e["pid"] for c in launch.cells for e in lease.read_log(store.run_dir(results, "relaunch", c.run_id))}
+    assert len(trainers) <= 2  # warm workers: each trained several runs
     # damage the store the way clusters do: one run crashed, one half-way (checkpoint only)
     crashed, partial, *done = launch.cells
     store.run_dir(results, "relaunch", crashed.run_id).joinpath("result.json").unlink()
@@ -120,3 +128,56 @@ def test_pool_stopped_from_outside_interrupts_running_runs_and_leaves_the_rest_u
     (run_id,) = results
     assert sorted(p.name for p in started.iterdir()) == [run_id]
     assert (started / run_id / store.CHECKPOINT).exists() and not (started / run_id / store.RESULT).exists()
+
+
+def test_a_run_another_live_process_holds_is_skipped_and_said_so(tmp_path: Path, capsys) -> None:
+    """The debug executor (like every executor, through ``run_one``) leaves a run alone while another live
+    process holds its lease, says so, exits 0; once the holder is gone a re-launch trains it."""
+    spec_path, results = _write(tmp_path), tmp_path / "results"
+    held_run = plan(spec_path, results).cells[1]
+    rdir = store.run_dir(results, "relaunch", held_run.run_id)
+    rdir.mkdir(parents=True)
+    hold = "import sys, time; from bench import lease; lease.acquire(sys.argv[1]); print('held', flush=True)\n"
+    hold += "time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(rdir)], stdout=subprocess.PIPE, text=True)
+    args = ["run", str(spec_path), "--results", str(results), "--executor", "debug", "--no-progress", "--no-report"]
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(args) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    out = capsys.readouterr().out
+    assert "trained: 3 completed, 1 held" in out, out
+    assert f"skipped 1 run that another process is training right now (1 by pid {holder.pid} on " in out, out
+    assert not (rdir / store.CONFIG).exists() and not (rdir / store.RESULT).exists()  # untouched
+    assert main(args) == 0
+    assert "trained: 1 completed" in capsys.readouterr().out
+    assert "is gone" in lease.read_log(rdir)[0]["reason"]  # the dead holder's lease was taken over
+
+
+def test_cpu_peak_memory_counts_live_bytes_even_where_an_earlier_run_left_free_heap(tmp_path: Path) -> None:
+    """A warm worker keeps the heap an earlier run freed; the resident set would not grow when the next run
+    reuses it, live bytes do (so no gc.collect or malloc_trim is needed before a run)."""
+    from bench.memory import PeakMemory
+
+    earlier = [torch.ones(16 * 1024) for _ in range(512)]  # 32 MB in 64 KB blocks (below glibc's mmap threshold)
+    del earlier  # freed into the heap, kept by the allocator
+    with PeakMemory(torch.device("cpu"), interval_s=0.01) as mem:
+        mem.rebase()
+        now = [torch.ones(16 * 1024) for _ in range(512)]
+        time.sleep(0.05)
+        del now
+    assert 30 * 2**20 < mem.peak_bytes < 40 * 2**20, mem.peak_bytes / 2**20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux parent-death signal")
+def test_parent_death_signal_is_armed_on_linux() -> None:
+    """Pool workers arm PR_SET_PDEATHSIG = SIGTERM through ctypes (read back with PR_GET_PDEATHSIG in a child)."""
+    code = (
+        "import ctypes, signal; from bench.executors.local import _set_parent_death_signal\n"
+        "_set_parent_death_signal(signal.SIGTERM); sig = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0); print(sig.value)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
+    assert int(out.stdout) == 15

@@ -290,8 +290,9 @@ KILLER = """
 import json, os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from bench.executors.worker import register_extra_tasks
-register_extra_tasks({{"TRICKBENCH_EXTRA_TASKS": "synthetic=tests.synthetic_task"}})
+from experiments.registry import register_task
+from tests.synthetic_task import Synthetic
+register_task(Synthetic)
 from bench import checkpoints
 from bench.grid import Cell
 from bench.loop import RunContext, train

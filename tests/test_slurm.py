@@ -4,9 +4,10 @@ Start the cluster first (root): ``bash slurm/cluster.sh install && bash slurm/cl
 the ``slurm``-marked tests are skipped with that reason; option validation, the golden sbatch script and
 ``bench status`` of a local grid are checked either way.
 
-SLURM workers are fresh Pythons: the test-only ``synthetic`` task reaches them through
-``$TRICKBENCH_EXTRA_TASKS`` (and ``$PYTHONPATH`` for the ``tests`` package), which sbatch exports from
-this process's environment. A requeued job waits ~2 minutes before SLURM starts it again (its
+SLURM workers are fresh Pythons: the test-only ``synthetic`` task, registered here with ``register_task``,
+reaches them as every in-process registration does (``WorkerSettings.registrations``, replayed by the task;
+``$PYTHONPATH``, which sbatch exports from this process's environment, makes the ``tests`` package importable).
+A requeued job waits ~2 minutes before SLURM starts it again (its
 "BeginTime"); the tests lift that with ``scontrol update StartTime=now``, as an operator can.
 """
 
@@ -37,6 +38,7 @@ from bench.grid import expand
 from bench.loop import RunContext, train
 from bench.runner import plan, write_grid_spec
 from bench.spec import parse_spec
+from tricks.plugins import registrations
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden" / "sbatch_array.sh"
@@ -172,7 +174,6 @@ def _cluster_config() -> dict[str, str]:
 @pytest.fixture
 def worker_env(synthetic_task: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Let SLURM workers import the synthetic task (sbatch exports this environment to them)."""
-    monkeypatch.setenv("TRICKBENCH_EXTRA_TASKS", "synthetic=tests.synthetic_task")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return synthetic_task
 
@@ -875,7 +876,8 @@ def test_a_1200_run_grid_is_submitted_as_arrays_within_max_array_size(
 #: cluster's oversubscription) take ~1.5 minutes of the suite.
 MANY_TASKS = 32
 _LAUNCH = (
-    "import sys; from bench.executors.worker import register_extra_tasks; register_extra_tasks(); "
+    "import sys; from experiments.registry import register_task; "
+    "from tests.synthetic_task import Synthetic; register_task(Synthetic); "
     "from bench.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -942,7 +944,9 @@ def test_runs_per_gpu_trains_runs_at_once_in_one_task_and_each_resumes_after_req
     cells = expand(spec)
     options = SlurmOptions(gpus_per_run=1, runs_per_gpu=2, runs_per_task=2, time_min=10)
     assert options.concurrent_runs == 2 and options.submitit_parameters("x")["cpus_per_task"] == 2
-    settings = WorkerSettings(device="cpu", threads=1, grid_tricks={"synthetic": []}, runs_per_gpu=2)
+    settings = WorkerSettings(
+        device="cpu", threads=1, grid_tricks={"synthetic": []}, runs_per_gpu=2, registrations=registrations()
+    )
     sub = submit_grid(cells, gdir, results, options, settings, spec.grid)
     (job,) = sub.job_ids  # both runs in one array task
     rdirs = [store.run_dir(results, spec.grid, c.run_id) for c in cells]

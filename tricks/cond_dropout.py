@@ -306,7 +306,10 @@ CARD = TrickCard(
         Param("guidance_weight", float, 1.0, "Guidance weight w at sampling time (0 = no guidance).", low=0.0),
     ),
     cost="One rand per sample in training; guided sampling doubles the forward passes per sampling step.",
-    effect="Better fidelity to the condition at moderate w (trades diversity); a usable unconditional model.",
+    effect="Guided samples sit closer to their condition (class fidelity / precision up) and, at w ≈ 1 and above, "
+    "further from the data distribution as a whole (less diversity: a distribution distance such as FID or the "
+    "sliced Wasserstein distance goes up) — the fidelity/diversity trade of Ho & Salimans 2022; a usable "
+    "unconditional model.",
     references=(
         "Ho & Salimans 2022, Classifier-Free Diffusion Guidance, arXiv 2207.12598",
         "crowsonkb/k-diffusion:train.py (null class index, cond_dropout_rate 0.1)",

@@ -23,7 +23,7 @@ from importlib import import_module
 from tricks.card import TrickCard, did_you_mean
 from tricks.plugins import PluginError, entry_point_objects, record_registration
 
-__all__ = ["BUILTIN_MODULES", "REGISTRY", "cards", "get_card", "register_trick", "unregister_trick"]
+__all__ = ["BUILTIN_MODULES", "REGISTRY", "cards", "get_card", "origin", "register_trick", "unregister_trick"]
 
 # Modules are listed explicitly (never discovered from a path a user gives).
 BUILTIN_MODULES = (
@@ -92,6 +92,12 @@ def get_card(name: str) -> TrickCard:
         hint = did_you_mean(name, list(table))
         raise KeyError(f"unknown trick {name!r}; known: {', '.join(sorted(table))}" + (f" ({hint})" if hint else ""))
     return table[name]
+
+
+def origin(name: str) -> str:
+    """Where trick ``name`` came from: its built-in module, the entry point and distribution, or ``register_trick``."""
+    get_card(name)
+    return _origin[name]
 
 
 def register_trick(card: TrickCard) -> TrickCard:

@@ -66,11 +66,9 @@ from bench.executors.slurm_cluster import (
     sbatch_refusal,
 )
 from bench.executors.submit_lock import LOCK_FILE, LockTimeout, SubmissionLock
-from bench.executors.worker import EXTRA_TASKS_ENV, register_extra_tasks
 
 __all__ = [
     "EXIT_STATUS",
-    "EXTRA_TASKS_ENV",
     "JOBS_FILE",
     "SUBMITIT_DIR",
     "QueueEntry",
@@ -86,7 +84,6 @@ __all__ = [
     "parse_time_left",
     "queue_jobs",
     "queue_states",
-    "register_extra_tasks",
     "reopen_incomplete",
     "sbatch_script",
     "submit_grid",
@@ -425,6 +422,8 @@ class WorkerSettings:
     max_requeues: int = 3
     signal_delay_s: int = 90
     runs_per_gpu: int | None = None  # train this many runs at once per GPU of the task (device cuda; on CPU: at once)
+    #: tricks/tasks the launching process registered by code (``tricks.plugins.registrations``), repeated in the task
+    registrations: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -1000,7 +999,9 @@ class SlurmTask(Checkpointable):
         root = Path(results_root)
         all_cells = [Cell.from_dict(d) for d in cells]
         try:
-            register_extra_tasks()
+            from bench.plugins import replay_registrations
+
+            replay_registrations(self.settings.registrations)
             results = self._train(all_cells, root, stop, job_id)
         except Exception as exc:  # the task cannot train (environment, imports, ...): each unfinished run failed
             from bench import store
