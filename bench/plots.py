@@ -154,8 +154,8 @@ def _save(
     """Write the figure as PNG (titled) and vector files (untitled), and its panels' numbers as JSON.
     ``layout=False``: the caller laid the figure out already."""
     path = Path(path)
-    if layout:
-        fig.tight_layout()
+    if layout:  # below the title (tight_layout leaves a suptitle over the top row of a tall figure)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight() if fig._suptitle is not None else 1))
     fig.savefig(path.with_suffix(".png"), dpi=DPI)
     vector = [f for f in formats if f != "png"]
     if vector and fig._suptitle is not None:  # the suptitle's only handle; the caption says it in a paper
@@ -403,7 +403,12 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return pd.Series(values).rolling(window, min_periods=1).mean().to_numpy()
 
 
-def _band(ax: plt.Axes, df: pd.DataFrame, x: str, y: str, arm: str, log: bool = False) -> dict[str, Any] | None:
+MAX_BANDED_ARMS = 12  # with more arms the learning curves draw lines only, and the legend goes below
+
+
+def _band(
+    ax: plt.Axes, df: pd.DataFrame, x: str, y: str, arm: str, log: bool = False, band: bool = True
+) -> dict[str, Any] | None:
     agg = df.groupby(x)[y].agg(["mean", "min", "max", "count"])
     agg = agg[np.isfinite(agg["mean"])]
     if log:
@@ -412,8 +417,9 @@ def _band(ax: plt.Axes, df: pd.DataFrame, x: str, y: str, arm: str, log: bool = 
         return None
     color = arm_color(arm)
     n = int(df["seed"].nunique())
-    ax.plot(agg.index, agg["mean"], color=color, lw=1.6, ls=_arm_style(arm), label=f"{arm} (n={n})")
-    ax.fill_between(agg.index, agg["min"], agg["max"], color=color, alpha=0.13, lw=0)
+    ax.plot(agg.index, agg["mean"], color=color, lw=1.6 if band else 1.0, ls=_arm_style(arm), label=f"{arm} (n={n})")
+    if band:
+        ax.fill_between(agg.index, agg["min"], agg["max"], color=color, alpha=0.13, lw=0)
     return _row(arm, *agg["mean"].tolist())
 
 
@@ -427,12 +433,15 @@ def learning_curves(
     """
     arms = list(arm_order) or (list(dict.fromkeys(curves["arm"])) if len(curves) else [])
     arms = [a for a in arms if a != ts.reference_arm] + [a for a in arms if a == ts.reference_arm]  # reference on top
-    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4))
+    band = len(arms) <= MAX_BANDED_ARMS
+    legend_cols = 3 if max((len(a) for a in arms), default=0) <= 40 else 2
+    legend_rows = 0 if band else -(-len(arms) // legend_cols)
+    fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(12, 4.4 + 0.17 * legend_rows))
     eval_rows, train_rows = [], []
     for arm in arms:
         df = curves[curves["arm"] == arm] if len(curves) and "arm" in curves else pd.DataFrame()
         if len(df) and ts.metric in df:
-            row = _band(ax_e, df.dropna(subset=[ts.metric]), "samples", ts.metric, arm)
+            row = _band(ax_e, df.dropna(subset=[ts.metric]), "samples", ts.metric, arm, band=band)
             eval_rows += [row] if row else []
         tr = train[train["arm"] == arm] if len(train) and "arm" in train else pd.DataFrame()
         if len(tr) and "loss" in tr:
@@ -443,7 +452,7 @@ def learning_curves(
                 parts.append(run.assign(loss=_smooth(run["loss"].to_numpy(dtype=float), window)))
             sm = pd.concat(parts)
             sm = sm[np.isfinite(sm["loss"])]
-            row = _band(ax_t, sm, "samples", "loss", arm, log=True) if len(sm) else None
+            row = _band(ax_t, sm, "samples", "loss", arm, log=True, band=band) if len(sm) else None
             train_rows += [row] if row else []
     if not eval_rows and not train_rows:
         plt.close(fig)
@@ -469,10 +478,16 @@ def learning_curves(
         ax_t.set_visible(False)
     for ax in (ax_e, ax_t):
         ax.grid(alpha=0.3)
-        if ax.get_visible() and ax.get_legend_handles_labels()[0]:
+        if band and ax.get_visible() and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{ts.label}: learning curves (line: mean over seeds; band: lowest to highest seed)", fontsize=10)
-    return _save(fig, path, panels)
+    what = "band: lowest to highest seed" if band else f"{len(arms)} arms: no bands"
+    fig.suptitle(f"{ts.label}: learning curves (line: mean over seeds; {what})", fontsize=10)
+    if band:
+        return _save(fig, path, panels)
+    source = ax_e if ax_e.get_visible() else ax_t  # every arm once, below both panels
+    fig.legend(*source.get_legend_handles_labels(), loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.17 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
+    return _save(fig, path, panels, layout=False)
 
 
 def stability_chart(ts: TaskStats, path: Path) -> Path | None:
