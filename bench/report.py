@@ -395,6 +395,7 @@ def write_report(gdir: Path, stats: GridStats | None = None) -> Path:
     counts = ", ".join(f"{n} {s}" for s, n in sorted(gs.status_counts.items()))
     doc.para(f"design `{gs.design}`, {len(gs.seeds)} seeds, {gs.n_cells} runs ({counts}).")
     _warnings(doc, gs)
+    _adaptive(doc, gdir)
     _answer(doc, gs, figdir)
     doc.toc()
     doc.heading(2, "How to read this report")
@@ -411,6 +412,38 @@ def write_report(gdir: Path, stats: GridStats | None = None) -> Path:
     store.atomic_write_text(gdir / "report.html", doc.html(f"trickbench report: {gs.grid}"))
     store.atomic_write_json(gdir / "report.json", {"grid": gs.grid, **doc.data()})
     return gdir / "report.md"
+
+
+def _adaptive_rows(gdir: Path) -> tuple[list[list[str]], str] | None:
+    """The sequential decisions of an adaptive grid (``bench run --until-decisive``), or None for a fixed grid."""
+    from bench.adaptive import state_summary
+
+    state = state_summary(gdir)
+    if not state or not state.get("decisions"):
+        return None
+    rows = []
+    for label, arms in state["decisions"].items():
+        for arm, d in arms.items():
+            interval = f"[{_g(d['low'])}, {_g(d['high'])}]" if _finite(d["low"]) else "—"
+            rows.append([label, arm, d["verdict"], str(d["n"]), f"{_g(d['mean'])} {interval}", d["reason"]])
+    spent = f"{state.get('runs_spent', '?')} runs trained of a fixed design's {state.get('runs_fixed_design', '?')}"
+    return rows, spent
+
+
+def _adaptive(doc: _Doc, gdir: Path) -> None:
+    """An adaptive grid's answer: the sequential decisions, with the note that fixed-n numbers below are descriptive."""
+    found = _adaptive_rows(gdir)
+    if found is None:
+        return
+    rows, spent = found
+    doc.heading(2, "Adaptive seeds: the decisions")
+    doc.para(
+        "This grid ran in rounds (`bench run --until-decisive`): an arm stopped as soon as its group-sequential "
+        "repeated interval (family-wise α = 0.05 per task, valid under the stopping) was decisive. These decisions "
+        f"are the grid's claims; {spent}. The fixed-n intervals, p-values and verdicts further down are computed "
+        "as if the seeds had been fixed in advance: after data-dependent stopping they are descriptive only."
+    )
+    doc.table(["task", "arm", "decision", "seeds", "Δ [repeated interval]", "why it stopped"], rows)
 
 
 def _warnings(doc: _Doc, gs: GridStats) -> None:
@@ -923,6 +956,12 @@ def terminal_summary(gdir: Path, stats: GridStats | None = None) -> str:
                 ]
             )
     notes = []
+    adaptive = _adaptive_rows(Path(gdir))
+    if adaptive is not None:
+        notes.append(
+            f"adaptive grid: the claims are the sequential decisions ({adaptive[1]}); the fixed-n columns above are "
+            "descriptive after data-dependent stopping"
+        )
     if gs.damaged:
         notes.append(f"{len(gs.damaged)} damaged run(s) left out (see `bench status`; `bench run` retrains them)")
     if gs.out_of_spec:
