@@ -23,6 +23,7 @@ examples:
   bench run my_grid.yaml --executor slurm --slurm-partition gpu --slurm-gpus-per-run 1 --slurm-time-min 120
   bench status results/quick                  done / partial / failed runs of a grid
   bench report results/quick                  (re)write report.md and report.html
+  bench compare results/old results/new       B − A per arm of two versions of one grid, paired by seed
   bench list                                  tricks, tasks and which tricks apply to which task
   bench check                                 regression check against results/baselines/ (and plugins' own)
   bench selftest mixup mlp_regression         the checks a plugin author runs: smoke, bit-exact resume, on≠off, ...
@@ -412,6 +413,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and report.html (figures embedded) for a grid")
     p.add_argument("grid", type=Path, help="grid folder, e.g. results/quick")
     p = sub.add_parser(
+        "compare",
+        help="compare two versions of one grid (e.g. before/after a code change): B − A per arm, paired by seed",
+        description="Pairs the completed runs of GRID_A and GRID_B by task, arm and seed; per arm and metric the "
+        "mean B − A with its 95% paired t-interval, p (Holm) across arms, a verdict (B better / B worse / same / "
+        "unclear / identical), train time B / A and the code parts that differ. Prints the table and writes "
+        "compare.md and compare.csv.",
+    )
+    p.add_argument("grid_a", type=Path, metavar="GRID_A", help="grid folder of the first version (A)")
+    p.add_argument("grid_b", type=Path, metavar="GRID_B", help="grid folder of the second version (B)")
+    p.add_argument("--out", type=Path, default=None, help="folder for compare.md / compare.csv (default: GRID_B)")
+    p = sub.add_parser(
         "check",
         help="re-run the regression grids and compare with results/baselines/",
         description="Regression check of the trick implementations: re-runs the small deterministic "
@@ -508,6 +520,10 @@ def _main(argv: list[str]) -> int:
             from bench.commands import cmd_report
 
             return cmd_report(args.grid)
+        if args.command == "compare":
+            from bench.compare import cmd_compare
+
+            return cmd_compare(args.grid_a, args.grid_b, args.out)
         if args.command == "selftest":
             from bench.commands import cmd_selftest
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Iterable, Mapping
@@ -52,12 +53,24 @@ def _origin(module: str) -> str | None:
     loaded = sys.modules.get(module)
     origin = getattr(loaded, "__file__", None) if loaded is not None else None
     if origin is None:
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            return None
-        origin = spec.origin if spec is not None else None
+        origin = _find_origin(module)
     return origin if origin and origin.endswith(".py") else None
+
+
+def _find_origin(module: str) -> str | None:
+    """The source file of ``module`` found without executing any package: ``importlib.util.find_spec`` of
+    ``a.b.c`` imports ``a.b`` (and a name like ``experiments.base.Task`` would import torch), so only the
+    top-level package is looked up that way and the rest is searched in its folders."""
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    for part in rest:
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    return spec.origin if spec is not None else None
 
 
 def _imports(module: str, path: str) -> set[str]:

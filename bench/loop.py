@@ -636,6 +636,17 @@ class _Trainer:
             self._final_eval_model = used
         return metrics
 
+    def _curve_point(self, final_metrics: dict[str, float]) -> dict[str, float]:
+        """The last point of the learning curve: the final evaluated weights measured the way every
+        intermediate evaluation measures (``final=False``; a task may use a larger sample at the final
+        evaluation, a different estimator that would make every curve jump at its last point). The
+        primary metric's value at the final evaluation stays in result.json."""
+        used = getattr(self, "_final_eval_model", None)
+        if used is None:
+            return final_metrics
+        metrics, _ = self._evaluate_weights(used, False, final=False, recalibrate=False)
+        return metrics
+
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.maybe_resume()
@@ -727,6 +738,8 @@ class _Trainer:
                 self.state.train_s += time.perf_counter() - t0
                 t_eval = time.perf_counter()
                 metrics = self.evaluate(step, final=last)
+                if last:  # result.json gets the final estimator; the curve keeps the intermediate one
+                    self._final_metrics, metrics = metrics, self._curve_point(metrics)
                 self.state.eval_s += time.perf_counter() - t_eval
                 self.history["eval"].append({"step": step, "samples": samples, **metrics})
                 self._track(step, samples, loss_value, metrics)
@@ -768,8 +781,11 @@ class _Trainer:
     def _finish(self, diverged_step: int | None, last_loss: float) -> dict[str, Any]:
         self.check_grads()
         evals = self.history["eval"]
-        final = evals[-1] if evals and diverged_step is None else {}
-        metric_values = [e[self.metric] for e in evals if self.metric in e]
+        final = getattr(self, "_final_metrics", None) or (evals[-1] if evals else {})
+        final = final if diverged_step is None else {}
+        # the best metric during training: the intermediate evaluations and the final one (as measured for result.json)
+        metric_values = [e[self.metric] for e in evals[: -1 if final else None] if self.metric in e]
+        metric_values += [final[self.metric]] if self.metric in final else []
         self.state.peak_mem_bytes = max(self.state.peak_mem_bytes, self.mem.read_peak())
         samples = self.history["train"]["samples"][-1] if self.history["train"]["samples"] else 0
         result = {
@@ -780,6 +796,7 @@ class _Trainer:
             | ({self.metric: float("nan")} if diverged_step is not None else {}),
             "primary_metric": self.metric,
             "higher_is_better": self.higher_is_better,
+            "metric_directions": dict(self.task.metric_directions),  # the report reads them here, not from the task
             "stability": stability_metrics(
                 self.history["train"]["loss"],
                 self.history["train"]["grad_norm"],

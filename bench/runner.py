@@ -21,7 +21,7 @@ from bench.selection import Selection, select_cells
 from bench.spec import GridSpec, parse_spec
 from bench.specfile import DEFAULT_MAX_RUNS, load_yaml
 
-__all__ = ["LaunchPlan", "code_version", "grid_cells", "plan", "write_grid_spec"]
+__all__ = ["LaunchPlan", "code_version", "grid_cells", "paired_in_time", "plan", "write_grid_spec"]
 
 
 def code_version() -> str:
@@ -155,11 +155,32 @@ def plan_for(
     stale = stale_runs(cells, results_root, status)
     todo = [
         c
-        for c in cells
+        for c in paired_in_time(cells)  # seed-major, the arms of a seed side by side: cost ratios are paired in time
         if (status[c.run_id] not in store.RunStatus.FINISHED and c.run_id not in stale)
         or (rerun_stale and c.run_id in stale)
     ]
     return LaunchPlan(spec, gdir, cells, todo, status, tuple(overrides), selection, len(grid), stale, rerun_stale)
+
+
+def paired_in_time(cells: Sequence[Cell]) -> list[Cell]:
+    """``cells`` in the order executors start them: seed-major, the arms of one seed (per task) next to each
+    other, their order reversed on every other seed (A B, B A, ...).
+
+    Cost ratios compare the runs of one seed (:func:`bench.stats.paired_ratio`); run next to each other,
+    both see the same machine load, so a load that drifts during a grid cancels in each ratio (and a
+    linear drift, by the reversed order, in their mean) instead of landing on the arms that run later.
+    """
+    seeds = {s: i for i, s in enumerate(dict.fromkeys(c.seed for c in cells))}
+    tasks = {t: i for i, t in enumerate(dict.fromkeys(c.task for c in cells))}
+    arms: dict[tuple[str, str], int] = {}
+    for c in cells:
+        arms.setdefault((c.task, c.arm), len(arms))
+
+    def key(c: Cell) -> tuple[int, int, int]:
+        s, a = seeds[c.seed], arms[(c.task, c.arm)]
+        return s, tasks[c.task], -a if s % 2 else a
+
+    return sorted(cells, key=key)
 
 
 def stale_runs(cells: Sequence[Cell], results_root: Path, status: dict[str, str]) -> dict[str, list[str]]:

@@ -66,8 +66,10 @@ __all__ = [
     "ALPHA",
     "MIN_EFFECT_SIZE",
     "MIN_TEST_SEEDS",
+    "NO_PAIRS",
     "N_RESAMPLES",
     "POWER",
+    "VERDICT_CLASSES",
     "Effect",
     "GridStats",
     "SpreadRatio",
@@ -77,6 +79,7 @@ __all__ = [
     "analyze_grid",
     "analyze_task",
     "benjamini_hochberg",
+    "cost_matrices",
     "design_terms",
     "dz_interval",
     "gini_spread_interval",
@@ -85,6 +88,7 @@ __all__ = [
     "metric_direction",
     "min_seeds_for_significance",
     "paired_effect",
+    "paired_ratio",
     "paired_t",
     "seed_matrix",
     "seeds_needed",
@@ -95,6 +99,7 @@ __all__ = [
     "t_test_power",
     "term_effect",
     "verdict",
+    "verdict_class",
 ]
 
 ALPHA = 0.05  # significance level of verdicts (after Holm)
@@ -784,6 +789,40 @@ def metric_direction(task_cls: Any, metric: str) -> bool | None:
 
 
 # --- one task of a grid ------------------------------------------------------------------------------------------
+NO_PAIRS = "no usable pairs"  # the verdict of a trick without one seed where both sides of its comparison finished
+#: how a report colours a verdict (:func:`verdict_class`)
+VERDICT_CLASSES = ("helps", "hurts", "no effect", "unclear", "too few seeds", "no data")
+#: columns of a task's effects frame (also when it has no rows), before the verdict and cost columns merged in
+EFFECT_COLUMNS = [
+    "term", "kind", "metric", "aliases", "n", "mean", "ci_low", "ci_high", "ci_method", "ci_level", "p",
+    "p_signflip", "sd", "frac_improved", "higher_is_better", "dz", "test_possible", "ci_calibrated", "ci_label",
+    "n_excluded_diverged", "seeds", "p_holm", "q_bh",
+]  # fmt: skip
+#: per trick, merged into the effects rows of its main term (effects.csv): verdict on the primary metric
+VERDICT_COLUMNS = ["verdict", "verdict_code", "seeds_needed_low", "seeds_needed_high", "base_mean", "effect_pct",
+                   "effect_pct_low", "effect_pct_high", "dz_low", "dz_high"]  # fmt: skip
+#: per trick, merged into every effects row of its main term: cost ratios on / off
+COST_COLUMNS = ["time_ratio", "time_low", "time_high", "memory_ratio", "memory_low", "memory_high",
+                "memory_approximate"]  # fmt: skip
+
+
+def verdict_class(label: str, code: str = "") -> str:
+    """The colour class of a verdict in a report: one of :data:`VERDICT_CLASSES`.
+
+    helps / hurts; "no effect" (an equivalence claim); "too few seeds" (no test was possible);
+    "no data" (no usable pair); "unclear" (a test was possible and is inconclusive).
+    """
+    if label in ("helps", "hurts"):
+        return label
+    if label == "no detectable effect":
+        return "no effect"
+    if label == NO_PAIRS:
+        return "no data"
+    if code == "too_few_seeds":
+        return "too few seeds"
+    return "unclear"
+
+
 @dataclass
 class TaskStats:
     """Everything the report says about one task of a grid (frames are empty when nothing finished)."""
@@ -797,8 +836,8 @@ class TaskStats:
     metric: str  # primary
     higher_is_better: bool
     seeds: list[int]
-    arm_summary: pd.DataFrame  # one row per arm: counts by status, mean/std of every metric, cost
-    effects: pd.DataFrame  # one row per term × metric
+    arm_summary: pd.DataFrame  # one row per arm: counts by status, mean/std of every metric, paired cost vs reference
+    effects: pd.DataFrame  # one row per term × metric (+ the trick's verdict and cost on its main-effect rows)
     verdicts: pd.DataFrame  # one row per trick (primary metric, divergence, cost)
     stability: pd.DataFrame  # one row per trick
     cost: pd.DataFrame  # one row per trick
@@ -810,10 +849,111 @@ class TaskStats:
     word_length_pattern: tuple[int, ...] = ()  # (A_3, A_4, ...): words of length 3, 4, ...
     alias_structure: list[str] = field(default_factory=list)  # "a×b = c×d": aliased main effects / 2-factor terms
     notes: list[str] = field(default_factory=list)
+    #: every metric column this task's runs report (primary first) -> higher is better (None: no direction)
+    metric_directions: dict[str, bool | None] = field(default_factory=dict)
+    code_versions: dict[str, int] = field(default_factory=dict)  # code part -> versions among its runs (if > 1)
+    stale_runs: int = 0  # finished runs analysed that today's code would not reproduce
+    stale_parts: list[str] = field(default_factory=list)  # which parts of the code changed since they trained
+    memory_approximate: bool = True  # some run's peak memory is a CPU reading (sampled), not an allocator peak
+
+    @property
+    def baseline_only(self) -> bool:
+        """A block without tricks: one arm, nothing to compare (its runs are still summarised)."""
+        return not self.tricks
+
+    @property
+    def usable_pairs(self) -> int:
+        """Seeds behind the best-covered trick's verdict (0: no trick has a pair of finished runs)."""
+        return int(self.verdicts["n"].max()) if len(self.verdicts) else 0
+
+    @property
+    def code_mixed(self) -> bool:
+        """The runs compared were trained by different code, or by code other than today's."""
+        return bool(self.code_versions) or self.stale_runs > 0
 
 
-def _metric_columns(runs: pd.DataFrame) -> list[str]:
-    return sorted(c for c in runs.columns if c.startswith("metric.") and not c.startswith("metric.raw_"))
+def _metric_columns(runs: pd.DataFrame, primary: str | None = None) -> list[str]:
+    """The task's own metric columns: those with a finite value in one of *its* completed runs (a grid's
+    frame has the union of every task's columns), ``raw_*`` left out; ``primary`` first, always present."""
+    done = runs[runs["status"] == store.RunStatus.COMPLETED] if len(runs) and "status" in runs else runs
+    cols = []
+    for c in sorted(runs.columns):
+        if not c.startswith("metric.") or c.startswith("metric.raw_") or c == primary:
+            continue
+        values = pd.to_numeric(done[c], errors="coerce") if len(done) else pd.Series(dtype=float)
+        if np.isfinite(values.to_numpy(dtype=np.float64)).any():
+            cols.append(c)
+    return ([primary] if primary else []) + cols
+
+
+def _direction_of(name: str, metric: str, higher_is_better: bool, declared: dict[str, Any]) -> bool | None:
+    """Direction of metric ``name``: the primary's, then the task's declared ``metric_directions``, then words."""
+    if name == metric:
+        return bool(higher_is_better)
+    if name in declared and declared[name] is not None:
+        return bool(declared[name])
+    return metric_direction(None, name)
+
+
+def _code_of_runs(runs: pd.DataFrame) -> tuple[dict[str, int], int, list[str]]:
+    """(code part -> versions among the finished runs in ``runs``, for parts with more than one; stale runs;
+    the parts today's code changed for them).
+
+    A part is the loop, the task or one trick (``bench.fingerprint``): runs of different arms differ in the
+    tricks they import, which is no mixing; two digests of the *same* part are. Reads the ``code_parts``
+    column (:func:`analyze_grid` adds it from each run's config.json) and load_grid's ``stale`` columns.
+    """
+    if not len(runs) or "status" not in runs:
+        return {}, 0, []
+    done = runs[runs["status"].isin(store.RunStatus.FINISHED)]
+    seen: dict[str, set[str]] = {}
+    if "code_parts" in done:
+        for parts in done["code_parts"]:
+            for part, digest in (parts if isinstance(parts, dict) else {}).items():
+                seen.setdefault(part, set()).add(digest)
+    versions = {part: len(d) for part, d in sorted(seen.items()) if len(d) > 1}
+    stale, changed = 0, []
+    if "stale" in done:
+        mask = done["stale"].fillna(False).astype(bool)
+        stale = int(mask.sum())
+        if "stale_parts" in done:
+            for text in done.loc[mask, "stale_parts"].fillna("").astype(str):
+                changed += [p for p in text.split("; ") if p and p not in changed]
+    return versions, stale, changed
+
+
+def code_parts(fingerprint: Any) -> dict[str, str]:
+    """``{"loop": digest, "task": digest, "trick <name>": digest}`` of a run's recorded fingerprint ({} if none)."""
+    if not isinstance(fingerprint, dict):
+        return {}
+    out = {"loop": str(fingerprint.get("loop"))}
+    task = fingerprint.get("task")
+    if isinstance(task, dict):
+        out["task"] = str(task.get("digest"))
+    for name, part in (fingerprint.get("tricks") or {}).items():
+        if isinstance(part, dict):
+            out[f"trick {name}"] = str(part.get("digest"))
+    return out
+
+
+def _code_parts_of(gdir: Path, runs: pd.DataFrame) -> list[dict[str, str]]:
+    """:func:`code_parts` of every run of ``runs`` from its config.json (verified by load_grid already)."""
+    out = []
+    for rid in runs["run_id"]:
+        try:
+            meta = store.read_json(Path(gdir) / "runs" / str(rid) / store.CONFIG)
+        except (OSError, ValueError):
+            meta = {}
+        out.append(code_parts(meta.get("fingerprint") if isinstance(meta, dict) else None))
+    return out
+
+
+def _status_counts(runs: pd.DataFrame, arms: tuple[str, ...]) -> str:
+    """ "3 completed, 2 failed" over the runs of ``arms`` (or "no runs")."""
+    if not len(runs) or "arm" not in runs:
+        return "no runs"
+    counts = runs[runs["arm"].isin(arms)]["status"].value_counts()
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
 
 
 def analyze_task(
@@ -827,10 +967,17 @@ def analyze_task(
     metric: str,
     higher_is_better: bool,
     task_cls: Any = None,
+    metric_directions: dict[str, bool] | None = None,
     seeds: list[int] | None = None,
     n_resamples: int = N_RESAMPLES,
 ) -> TaskStats:
-    """All statistics of one task from its runs (rows of :func:`bench.store.load_grid` for this task)."""
+    """All statistics of one task from its runs (rows of :func:`bench.store.load_grid` for this task).
+
+    Directions of secondary metrics: ``metric_directions`` (as the runs recorded it in result.json), else
+    the task class's, else whole words of the name (:func:`metric_direction`). Only the metrics this
+    task's runs report are analysed. Effects are of completed runs, paired by seed: a seed counts for a
+    trick only when every run of its comparison completed.
+    """
     from bench.designs import fractional_design
     from bench.grid import design_arms
 
@@ -850,12 +997,12 @@ def analyze_task(
         wlp, alias_lines = fd.wlp[2:], fd.alias_labels(tricks)
     runs = runs if len(runs) else pd.DataFrame(columns=["run_id", "arm", "seed", "status"])
     primary = f"metric.{metric}"
-    metric_cols = _metric_columns(runs)
-    if primary in metric_cols:
-        metric_cols.remove(primary)
-        metric_cols.insert(0, primary)
-    directions = {c: metric_direction(task_cls, c.removeprefix("metric.")) for c in metric_cols}
-    directions[primary] = higher_is_better
+    metric_cols = _metric_columns(runs, primary)
+    declared = dict(getattr(task_cls, "metric_directions", None) or {}) | dict(metric_directions or {})
+    directions: dict[str, bool | None] = {
+        c: _direction_of(c.removeprefix("metric."), metric, higher_is_better, declared) for c in metric_cols
+    }
+    metric_dirs = dict(directions)
     if "stability.best_metric" in runs:
         directions["stability.best_metric"] = higher_is_better
     directions |= {c: d for c, d in STABILITY_METRICS.items() if c in runs}
@@ -863,41 +1010,44 @@ def analyze_task(
     # effects of every term on every metric (completed runs only: a diverged side has no metric)
     div = seed_matrix(runs, "stability.diverged", (store.RunStatus.COMPLETED, store.RunStatus.DIVERGED))
     rows = []
-    primary_effects: dict[str, tuple[Effect, int]] = {}
+    primary_effects: dict[str, tuple[Effect, int, float]] = {}
     for col, hib in directions.items():
         mat = seed_matrix(runs, col)
         # interactions of the task's metrics only: stability columns get main effects
         for term in terms + (inter if col.startswith("metric.") else []):
             eff, used = term_effect(mat, term, hib, **kw)
             excluded = _diverged_blocks(div, term, used)
-            if col == primary:
-                primary_effects[term.name] = (eff, excluded)
+            if col == primary and term.kind == "main":
+                base = float(mat.loc[used, list(term.off_arms)].to_numpy().mean()) if used else float("nan")
+                primary_effects[term.name] = (eff, excluded, base)
             rows.append(
                 {"term": term.name, "kind": term.kind, "metric": col, "aliases": ", ".join(term.aliases)}
                 | eff.as_dict()
                 | {"n_excluded_diverged": excluded, "seeds": used}
             )
-    effects = pd.DataFrame(rows)
-    if len(effects):
-        effects["p_holm"] = np.nan
-        effects["q_bh"] = np.nan
-        for _, idx in effects.groupby(["metric", "kind"]).groups.items():
-            effects.loc[idx, "p_holm"] = holm(effects.loc[idx, "p"].to_numpy())
-            effects.loc[idx, "q_bh"] = benjamini_hochberg(effects.loc[idx, "p"].to_numpy())
+    effects = pd.DataFrame(rows) if rows else pd.DataFrame(columns=EFFECT_COLUMNS[:-2])
+    effects["p_holm"] = np.nan
+    effects["q_bh"] = np.nan
+    for _, idx in effects.groupby(["metric", "kind"]).groups.items() if len(effects) else []:
+        effects.loc[idx, "p_holm"] = holm(effects.loc[idx, "p"].to_numpy(dtype=np.float64))
+        effects.loc[idx, "q_bh"] = benjamini_hochberg(effects.loc[idx, "p"].to_numpy(dtype=np.float64))
 
     stability = _stability(runs, terms, primary, div, kw)
-    cost = _cost(runs, terms, kw)
+    memory_approximate = _memory_approximate(runs)
+    cost = _cost(runs, terms, kw, memory_approximate)
     p_holm: dict[str, float] = {}
     if len(effects):
         sel = effects[(effects["metric"] == primary) & (effects["kind"] == "main")]
         p_holm = dict(zip(sel["term"], sel["p_holm"]))
-    verdicts = _verdicts(primary_effects, p_holm, stability, cost, terms, higher_is_better)
+    verdicts = _verdicts(primary_effects, p_holm, stability, cost, terms, higher_is_better, runs)
+    effects = _with_verdicts_and_cost(effects, verdicts, cost, primary)
     interactions = effects[(effects["kind"] == "interaction") & (effects["metric"] == primary)] if inter else None
     if any(t.aliases for t in terms):
         notes.append(
             "Resolution III: main effects are aliased with two-way interactions (listed); a main effect "
             "estimate is the sum of the aliased effects."
         )
+    codes, stale, parts = _code_of_runs(runs)
     return TaskStats(
         label=label,
         task=task,
@@ -908,7 +1058,7 @@ def analyze_task(
         metric=metric,
         higher_is_better=higher_is_better,
         seeds=list(seeds) if seeds is not None else sorted(int(s) for s in runs["seed"].unique()),
-        arm_summary=_arm_summary(runs, arms, metric_cols),
+        arm_summary=_arm_summary(runs, arms, metric_cols, reference, kw),
         effects=effects,
         verdicts=verdicts,
         stability=stability,
@@ -921,7 +1071,35 @@ def analyze_task(
         word_length_pattern=wlp,
         alias_structure=alias_lines,
         notes=notes,
+        metric_directions=metric_dirs,
+        code_versions=codes,
+        stale_runs=stale,
+        stale_parts=parts,
+        memory_approximate=memory_approximate,
     )
+
+
+def _with_verdicts_and_cost(
+    effects: pd.DataFrame, verdicts: pd.DataFrame, cost: pd.DataFrame, primary: str
+) -> pd.DataFrame:
+    """The effects frame with each trick's verdict (on its primary-metric row) and cost (on its main rows)."""
+    out = effects.copy()
+    for col in VERDICT_COLUMNS + COST_COLUMNS:
+        out[col] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    if not len(out):
+        return out
+    main = out["kind"] == "main"
+    v = verdicts.set_index("term") if len(verdicts) else pd.DataFrame()
+    c = cost.set_index("term") if len(cost) else pd.DataFrame()
+    for idx in out.index[main]:
+        term = out.at[idx, "term"]
+        if term in c.index:
+            for col in COST_COLUMNS:
+                out.at[idx, col] = c.at[term, col]
+        if out.at[idx, "metric"] == primary and term in v.index:
+            for col in VERDICT_COLUMNS:
+                out.at[idx, col] = v.at[term, "code" if col == "verdict_code" else col]
+    return out
 
 
 def _diverged_blocks(div: pd.DataFrame, term: Term, used: list[int]) -> int:
@@ -965,71 +1143,127 @@ def _stability(runs: pd.DataFrame, terms: list[Term], primary: str, div: pd.Data
     return out
 
 
-def _cost(runs: pd.DataFrame, terms: list[Term], kw: dict) -> pd.DataFrame:
-    """Per trick: train time and peak memory per sample, on / off: geometric mean ratio with a t-interval on logs."""
+#: the cost columns of result.json that cost ratios are taken of
+COST_METRICS = {"time": "cost.train_s_per_sample", "memory": "cost.peak_mem_mb_per_sample"}
+
+
+def _memory_approximate(runs: pd.DataFrame) -> bool:
+    """True unless every finished run measured its peak memory with the CUDA allocator (exact peaks).
+
+    On CPU the peak is sampled growth of the process's heap: comparable between runs of the same
+    process history only approximately, so it is labelled approximate and never used in a verdict.
+    """
+    if not len(runs) or "cost.device" not in runs:
+        return True
+    done = runs[runs["status"].isin(store.RunStatus.FINISHED)]
+    devices = done["cost.device"].dropna().astype(str)
+    return not len(devices) or not devices.str.startswith("cuda").all()
+
+
+def cost_matrices(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Seeds × arms of train time per sample and peak memory per sample (finished runs; tiny memory readings,
+    below :data:`MIN_MEASURED_MEMORY_MB`, are noise and left out). The one input of every cost ratio."""
     finished = (store.RunStatus.COMPLETED, store.RunStatus.DIVERGED)
+    out = {name: seed_matrix(runs, col, finished) for name, col in COST_METRICS.items()}
+    if len(out["memory"]):
+        out["memory"] = out["memory"].where(seed_matrix(runs, "cost.peak_mem_mb", finished) >= MIN_MEASURED_MEMORY_MB)
+    return out
+
+
+def paired_ratio(matrix: pd.DataFrame, term: Term, **kw: Any) -> dict[str, float]:
+    """THE cost ratio of every table: per seed, cost with the trick on / off (the same seed's runs, which the
+    executors run next to each other in time), geometric mean over seeds, and the t-interval of the mean log
+    ratio exponentiated. Returns ratio, low, high, n (nan without a pair)."""
+    eff, _ = term_effect(matrix, term, False, transform="log", **kw)
+    return {
+        "ratio": math.exp(eff.mean) if eff.n else np.nan,
+        "low": math.exp(eff.ci_low) if math.isfinite(eff.ci_low) else np.nan,
+        "high": math.exp(eff.ci_high) if math.isfinite(eff.ci_high) else np.nan,
+        "n": eff.n,
+    }
+
+
+def _cost(runs: pd.DataFrame, terms: list[Term], kw: dict, memory_approximate: bool = True) -> pd.DataFrame:
+    """Per trick: train time and peak memory per sample, on / off (:func:`paired_ratio`)."""
+    mats = cost_matrices(runs)
     rows = []
     for term in terms:
         row: dict[str, Any] = {"term": term.name}
-        for name, col in (("time", "cost.train_s_per_sample"), ("memory", "cost.peak_mem_mb_per_sample")):
-            mat = seed_matrix(runs, col, finished)
-            if name == "memory" and len(mat):
-                mat = mat.where(seed_matrix(runs, "cost.peak_mem_mb", finished) >= MIN_MEASURED_MEMORY_MB)
-            eff, _ = term_effect(mat, term, False, transform="log", **kw)
-            row |= {
-                f"{name}_ratio": math.exp(eff.mean) if eff.n else np.nan,
-                f"{name}_low": math.exp(eff.ci_low) if math.isfinite(eff.ci_low) else np.nan,
-                f"{name}_high": math.exp(eff.ci_high) if math.isfinite(eff.ci_high) else np.nan,
-                f"{name}_n": eff.n,
-            }
+        for name, mat in mats.items():
+            r = paired_ratio(mat, term, **kw)
+            row |= {f"{name}_ratio": r["ratio"], f"{name}_low": r["low"], f"{name}_high": r["high"]}
+            row[f"{name}_n"] = r["n"]
+        row["memory_approximate"] = memory_approximate
         row["ci_method"] = COST_CI_LABEL
         rows.append(row)
-    return pd.DataFrame(rows)
+    columns = ["term"] + [f"{n}_{x}" for n in COST_METRICS for x in ("ratio", "low", "high", "n")]
+    return pd.DataFrame(rows, columns=[*columns, "memory_approximate", "ci_method"])
 
 
 def _verdicts(
-    primary_effects: dict[str, tuple[Effect, int]],
+    primary_effects: dict[str, tuple[Effect, int, float]],
     p_holm: dict[str, float],
     stability: pd.DataFrame,
     cost: pd.DataFrame,
     terms: list[Term],
     higher_is_better: bool,
+    runs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One verdict per trick from its primary-metric main effect; a significant divergence change overrides."""
+    """One verdict per trick from its primary-metric main effect; a significant divergence change overrides.
+
+    A trick without a single seed where every run of its comparison completed gets :data:`NO_PAIRS`
+    (with the runs' states), never a verdict.
+    """
+    nan = float("nan")
     rows = []
     for term in terms:
-        eff, excluded = primary_effects.get(term.name, (paired_effect([], higher_is_better), 0))
-        p_adj = float(p_holm.get(term.name, float("nan")))
+        eff, excluded, base = primary_effects.get(term.name, (paired_effect([], higher_is_better), 0, nan))
+        p_adj = float(p_holm.get(term.name, nan))
         v = verdict(eff, p_adj, m=len(terms))
-        label, reason = v.label, v.reason
-        if not eff.test_possible and excluded:
+        label, reason, code = v.label, v.reason, v.code
+        if eff.n == 0:
+            label, code = NO_PAIRS, "no_pairs"
+            reason = (
+                f"no usable pair: every seed has a diverged run ({excluded} seed(s))"
+                if excluded
+                else "no seed where both runs of the comparison completed "
+                f"({_status_counts(runs, term.arms) if runs is not None else 'no runs'})"
+            )
+        elif not eff.test_possible and excluded:
             reason = (
                 f"too few seeds for a test: n ≥ {MIN_TEST_SEEDS} needed ({eff.n} usable seed(s): "
                 f"{excluded} left out because a run diverged)"
             )
+        own = True  # the metric's verdict stands (not overridden by divergence)
         st = stability[stability["term"] == term.name].iloc[0] if len(stability) else None
         if st is not None and "diverged_p_holm" in st and math.isfinite(st["diverged_p_holm"]):
             lo, hi = st["diverged_low"], st["diverged_high"]
             if st["diverged_p_holm"] < ALPHA and math.isfinite(lo) and (lo > 0 or hi < 0):
                 more = lo > 0
+                own = False
+                metric_alone = label
                 label = "hurts" if more else "helps"
                 reason = (
                     f"{'more' if more else 'fewer'} diverged runs with the trick "
                     f"({st['diverged_total_on']} vs {st['diverged_total_off']}; p(Holm) = {st['diverged_p_holm']:.3g})"
-                    + (f"; metric alone: {v.label}" if v.label != label else "")
+                    + (f"; metric alone: {metric_alone}" if metric_alone != label else "")
                 )
         c = cost[cost["term"] == term.name].iloc[0] if len(cost) else None
-        own = label == v.label  # the metric's verdict stands (not overridden by divergence)
+        dz_lo, dz_hi = dz_interval(eff.mean, eff.sd, eff.n) if eff.n >= 2 else (nan, nan)
+        scale = abs(base) if math.isfinite(base) and base != 0 else nan
+        mine = runs[runs["arm"].isin(term.arms)] if runs is not None and len(runs) else None
+        codes, stale, _ = _code_of_runs(mine) if mine is not None else ({}, 0, [])
         rows.append(
             {
                 "term": term.name,
                 "verdict": label,
                 "reason": reason,
-                "code": v.code if own else "diverged",
+                "code": code if own else "diverged",
+                "verdict_class": verdict_class(label, code if own else "diverged"),
                 "test_possible": eff.test_possible,
-                "seeds_needed": v.seeds_needed if own else np.nan,
-                "seeds_needed_low": v.seeds_needed_low if own else np.nan,
-                "seeds_needed_high": v.seeds_needed_high if own else np.nan,
+                "seeds_needed": v.seeds_needed if own and eff.n else nan,
+                "seeds_needed_low": v.seeds_needed_low if own and eff.n else nan,
+                "seeds_needed_high": v.seeds_needed_high if own and eff.n else nan,
                 "n": eff.n,
                 "n_excluded_diverged": excluded,
                 "mean": eff.mean,
@@ -1040,22 +1274,50 @@ def _verdicts(
                 "ci_label": eff.ci_label,
                 "ci_calibrated": eff.ci_calibrated,
                 "ci_reliable": eff.ci_reliable,
+                "base_mean": base,
+                "effect_pct": 100 * eff.mean / scale,
+                "effect_pct_low": 100 * eff.ci_low / scale,
+                "effect_pct_high": 100 * eff.ci_high / scale,
                 "dz": eff.dz,
-                "dz_low": v.dz_low,
-                "dz_high": v.dz_high,
+                "dz_low": dz_lo,
+                "dz_high": dz_hi,
                 "p": eff.p,
                 "p_signflip": eff.p_signflip,
                 "p_holm": p_adj,
                 "frac_improved": eff.frac_improved,
-                "time_ratio": c["time_ratio"] if c is not None else np.nan,
-                "memory_ratio": c["memory_ratio"] if c is not None else np.nan,
+                "time_ratio": c["time_ratio"] if c is not None else nan,
+                "time_low": c["time_low"] if c is not None else nan,
+                "time_high": c["time_high"] if c is not None else nan,
+                "memory_ratio": c["memory_ratio"] if c is not None else nan,
+                "memory_low": c["memory_low"] if c is not None else nan,
+                "memory_high": c["memory_high"] if c is not None else nan,
+                "memory_approximate": bool(c["memory_approximate"]) if c is not None else True,
+                "code_mixed": bool(codes) or stale > 0,
                 "aliases": ", ".join(term.aliases),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=_VERDICT_FRAME_COLUMNS) if not rows else pd.DataFrame(rows)
 
 
-def _arm_summary(runs: pd.DataFrame, arms: list[tuple[str, tuple[str, ...]]], metric_cols: list[str]) -> pd.DataFrame:
+_VERDICT_FRAME_COLUMNS = [
+    "term", "verdict", "reason", "code", "verdict_class", "test_possible", "seeds_needed", "seeds_needed_low",
+    "seeds_needed_high", "n", "n_excluded_diverged", "mean", "ci_low", "ci_high", "ci_method", "ci_level", "ci_label",
+    "ci_calibrated", "ci_reliable", "base_mean", "effect_pct", "effect_pct_low", "effect_pct_high", "dz", "dz_low",
+    "dz_high", "p", "p_signflip", "p_holm", "frac_improved", "time_ratio", "time_low", "time_high", "memory_ratio",
+    "memory_low", "memory_high", "memory_approximate", "code_mixed", "aliases",
+]  # fmt: skip
+
+
+def _arm_summary(
+    runs: pd.DataFrame,
+    arms: list[tuple[str, tuple[str, ...]]],
+    metric_cols: list[str],
+    reference: str = "",
+    kw: dict | None = None,
+) -> pd.DataFrame:
+    """One row per arm: runs by status, mean/std of each metric over completed runs, and the arm's cost
+    relative to the reference arm of the same seeds (:func:`paired_ratio`, the definition every table uses)."""
+    mats = cost_matrices(runs)
     rows = []
     for arm, on in arms:
         df = runs[runs["arm"] == arm] if len(runs) else runs
@@ -1073,6 +1335,13 @@ def _arm_summary(runs: pd.DataFrame, arms: list[tuple[str, tuple[str, ...]]], me
             vals = vals[np.isfinite(vals)]
             row[f"{col}.mean"] = float(vals.mean()) if len(vals) else np.nan
             row[f"{col}.std"] = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+        for name, mat in mats.items():
+            if reference and arm != reference:
+                r = paired_ratio(mat, Term(arm, (arm,), {arm: 1.0, reference: -1.0}), **(kw or {}))
+            else:
+                r = {"ratio": np.nan, "low": np.nan, "high": np.nan, "n": 0}
+            row |= {f"{name}_ratio": r["ratio"], f"{name}_low": r["low"], f"{name}_high": r["high"]}
+            row[f"{name}_n"] = r["n"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -1091,9 +1360,26 @@ class GridStats:
     tasks: list[TaskStats]
     run_ids: set[str] = field(default_factory=set)  # the runs of the current spec (older versions' runs excluded)
     damaged: dict[str, str] = field(default_factory=dict)  # run_id -> "task / arm / seed s: why" (left out)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # load_grid rows of the current spec's runs
+    out_of_spec: int = 0  # runs in the folder that the spec as last launched does not have (in_spec False)
+
+    @property
+    def usable_pairs(self) -> bool:
+        """Some trick of some task has a seed where both sides of its comparison completed."""
+        return any(ts.usable_pairs for ts in self.tasks)
+
+    @property
+    def code_mixed(self) -> bool:
+        return any(ts.code_mixed for ts in self.tasks)
 
 
-def _task_class(name: str) -> Any:
+def _task_class(name: str, *, import_ok: bool = True) -> Any:
+    """The registered task class ``name``; with ``import_ok=False`` only if the registry is already imported
+    (the report of a finished grid reads directions from result.json and imports no task module)."""
+    import sys
+
+    if not import_ok and "experiments.registry" not in sys.modules:
+        return None
     from experiments.registry import get_task
 
     try:
@@ -1102,26 +1388,36 @@ def _task_class(name: str) -> Any:
         return None
 
 
-def _direction_from_results(gdir: Path, run_ids: list[str]) -> tuple[str, bool] | None:
-    """(primary metric, higher_is_better) as stored in the runs' result.json (when the task class is gone)."""
+def _direction_from_results(gdir: Path, run_ids: list[str]) -> tuple[str, bool, dict[str, bool] | None] | None:
+    """(primary metric, higher_is_better, metric_directions or None) as the runs' result.json recorded them."""
     for rid in run_ids:
         path = Path(gdir) / "runs" / rid / store.RESULT
         if store.run_status(path.parent) in store.RunStatus.FINISHED:  # verified: never a damaged file
             res = store.read_json(path)
             if "primary_metric" in res and "higher_is_better" in res:
-                return res["primary_metric"], bool(res["higher_is_better"])
+                dirs = res.get("metric_directions")
+                dirs = {str(k): bool(v) for k, v in dirs.items()} if isinstance(dirs, dict) else None
+                return res["primary_metric"], bool(res["higher_is_better"]), dirs
     return None
 
 
 def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
-    """Load a launched grid from its folder and compute :class:`TaskStats` for each of its tasks."""
+    """Load a launched grid from its folder and compute :class:`TaskStats` for each of its tasks.
+
+    Only the runs of the spec as last launched are analysed (``in_spec``); the others are counted in
+    ``out_of_spec``. Metric directions come from the runs' result.json: a finished grid is analysed
+    without importing any task module (or torch); the task class is asked only when no run finished.
+    """
     from bench.runner import grid_cells
 
     gdir = Path(gdir)
     spec, cells = grid_cells(gdir)
     ids = {c.run_id for c in cells}
-    runs = store.load_grid(gdir)
-    runs = runs[runs["run_id"].isin(ids)] if len(runs) else runs
+    everything = store.load_grid(gdir)
+    runs = everything[everything["run_id"].isin(ids)] if len(everything) else everything
+    if len(runs):
+        runs = runs.assign(code_parts=_code_parts_of(gdir, runs))
+    out_of_spec = int((~everything["run_id"].isin(ids)).sum()) if len(everything) else 0
     checks = {c.run_id: store.check_run(gdir / "runs" / c.run_id, deep=True) for c in cells}
     counts: dict[str, int] = {}
     for check in checks.values():
@@ -1134,14 +1430,14 @@ def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
     tasks = []
     for t in spec.tasks:
         tr = runs[runs["task"] == t.label] if len(runs) else runs
-        cls = _task_class(t.task)
-        if cls is not None:
-            metric, hib = cls.metric, bool(cls.higher_is_better)
+        found = _direction_from_results(gdir, [c.run_id for c in cells if c.task == t.label])
+        cls = _task_class(t.task, import_ok=found is None)
+        if found is not None:
+            metric, hib, declared = found
+        elif cls is not None:
+            metric, hib, declared = cls.metric, bool(cls.higher_is_better), None
         else:
-            found = _direction_from_results(gdir, [c.run_id for c in cells if c.task == t.label])
-            if found is None:
-                continue  # neither the task class nor a finished run says what the metric is
-            metric, hib = found
+            continue  # neither the task class nor a finished run says what the metric is
         tasks.append(
             analyze_task(
                 tr,
@@ -1153,10 +1449,21 @@ def analyze_grid(gdir: Path, *, n_resamples: int = N_RESAMPLES) -> GridStats:
                 metric=metric,
                 higher_is_better=hib,
                 task_cls=cls,
+                metric_directions=declared,
                 seeds=list(spec.seeds),
                 n_resamples=n_resamples,
             )
         )
     return GridStats(
-        spec.grid, spec.description, spec.design, list(spec.seeds), len(cells), counts, tasks, ids, damaged
+        grid=spec.grid,
+        description=spec.description,
+        design=spec.design,
+        seeds=list(spec.seeds),
+        n_cells=len(cells),
+        status_counts=counts,
+        tasks=tasks,
+        run_ids=ids,
+        damaged=damaged,
+        runs=runs,
+        out_of_spec=out_of_spec,
     )

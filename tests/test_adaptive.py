@@ -71,3 +71,17 @@ def test_adaptive_flags_are_validated(tmp_path: Path, synthetic_task: str, capsy
     assert _run(tmp_path, "--seeds", "0-3") == 2
     assert "not allowed with --tasks/--tricks/--seeds" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def test_the_report_of_an_adaptive_grid_leads_with_the_sequential_decisions(
+    tmp_path: Path, synthetic_task: str
+) -> None:
+    from bench.report import write_report
+
+    assert _run(tmp_path) == 0
+    gdir = tmp_path / "results" / "adaptive"
+    md = write_report(gdir).read_text()
+    head = md[: md.index("## Adaptive seeds")]
+    assert "## " not in head.replace("# trickbench report", "")  # the decisions come first
+    section = md[md.index("## Adaptive seeds") :]
+    assert "| synthetic | +ema | helps |" in section and "descriptive only" in section

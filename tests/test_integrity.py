@@ -29,7 +29,7 @@ from bench.grid import Cell, expand
 from bench.loop import RunContext, train
 from bench.runner import write_grid_spec
 from bench.spec import load_spec, parse_spec
-from bench.stats import analyze_grid
+from bench.stats import COST_COLUMNS, analyze_grid
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = {"budget_samples": 256, "batch_size": 32, "eval_every_samples": 128, "checkpoint_every_samples": 128}
@@ -200,11 +200,13 @@ def test_every_damaged_file_is_named_left_out_moved_aside_and_retrained(
         for name in ("curve.csv", "train.csv", "final_model.pt", "config.json"):
             assert (gdir / "runs" / rid / name).read_bytes() == (reference / "runs" / rid / name).read_bytes()
     # the final report's effects are those of the undamaged grid (analysed the way write_report writes them)
+    # (but for the cost ratios: the retrained runs' timings are new measurements)
     undamaged = analyze_grid(reference)
     expected = pd.concat([ts.effects.assign(task=ts.label) for ts in undamaged.tasks]).drop(columns="seeds")
     assert not undamaged.damaged and len(expected) > 0
     pd.testing.assert_frame_equal(
-        pd.read_csv(gdir / "effects.csv"), pd.read_csv(io.StringIO(expected.to_csv(index=False)))
+        pd.read_csv(gdir / "effects.csv").drop(columns=COST_COLUMNS),
+        pd.read_csv(io.StringIO(expected.to_csv(index=False))).drop(columns=COST_COLUMNS),
     )
 
 
