@@ -1104,6 +1104,8 @@ class _Group:
                     m = members[i]
                     t_eval = time.perf_counter()
                     metrics = m.evaluate(step, final=last)
+                    if last:  # as a run alone: result.json gets the final estimator, the curve the intermediate one
+                        m._final_metrics, metrics = metrics, m._curve_point(metrics)
                     m.state.eval_s += time.perf_counter() - t_eval
                     m.history["eval"].append({"step": step, "samples": samples, **metrics})
                     m._track(step, samples, loss_values[i], metrics)
