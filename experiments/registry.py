@@ -13,7 +13,7 @@ from importlib import import_module
 
 from experiments.base import Task
 from tricks.card import did_you_mean
-from tricks.plugins import PluginError, entry_point_objects, record_registration
+from tricks.plugins import PluginError, entry_point_objects, forget_registration, record_registration
 
 __all__ = ["BUILTIN_TASKS", "available_tasks", "get_task", "origin", "register_task", "task_names"]
 
@@ -108,4 +108,6 @@ def unregister_task(name: str) -> None:
     """Remove a task added by :func:`register_task` (tests); built-ins cannot be removed."""
     if name in BUILTIN_TASKS:
         raise ValueError(f"task {name!r} is built in")
-    _plugin_table().pop(name, None)
+    cls = _plugin_table().pop(name, None)
+    if cls is not None:
+        forget_registration("task", cls)

@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-__all__ = ["PluginError", "entry_point_objects", "record_registration", "registrations"]
+__all__ = ["PluginError", "entry_point_objects", "forget_registration", "record_registration", "registrations"]
 
 
 class PluginError(RuntimeError):
@@ -58,6 +58,21 @@ def record_registration(kind: str, obj: Any, depth: int = 2) -> None:
     record = (kind, module, attr)
     if record not in _RECORDS:
         _RECORDS.append(record)
+
+
+def forget_registration(kind: str, obj: Any) -> None:
+    """Drop the record of a registration that was undone (``unregister_task`` / ``unregister_trick``)."""
+    if kind == "task":
+        _RECORDS[:] = [r for r in _RECORDS if r != (kind, obj.__module__, obj.__qualname__)]
+    else:
+        _RECORDS[:] = [r for r in _RECORDS if not (r[0] == kind and r[2] is not None and _names(r, obj))]
+
+
+def _names(record: tuple[str, str, str | None], card: Any) -> bool:
+    import sys
+
+    module = sys.modules.get(record[1])
+    return module is not None and getattr(module, record[2] or "", None) is card
 
 
 def registrations() -> list[tuple[str, str, str | None]]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from importlib import import_module
 
 from tricks.card import TrickCard, did_you_mean
-from tricks.plugins import PluginError, entry_point_objects, record_registration
+from tricks.plugins import PluginError, entry_point_objects, forget_registration, record_registration
 
 __all__ = ["BUILTIN_MODULES", "REGISTRY", "cards", "get_card", "origin", "register_trick", "unregister_trick"]
 
@@ -118,8 +118,10 @@ def unregister_trick(name: str) -> None:
     """Remove a trick added by :func:`register_trick` (tests); built-in and entry-point tricks stay."""
     if _origin.get(name) != "register_trick":
         raise ValueError(f"trick {name!r} was not added by register_trick")
-    _load().pop(name, None)
+    card = _load().pop(name, None)
     _origin.pop(name, None)
+    if card is not None:
+        forget_registration("trick", card)
 
 
 class _RegistryView(Mapping[str, TrickCard]):
