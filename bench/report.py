@@ -357,7 +357,8 @@ def _methods(gs: GridStats) -> list[str]:
         "reported under Stability.",
         "**Stability.** Spread ratio = Gini mean difference (mean |difference| between two seeds) of the primary "
         "metric with the trick on / off (for normal metrics the ratio of standard deviations), with a jackknife "
-        "t-interval of the log ratio (calibrated from 3 seeds); with one arm a side, ✱ marks a change of spread that "
+        "t-interval of the log ratio (calibrated from 3 seeds: 94–96 % coverage, 91–95 % on strongly skewed, "
+        "lognormal-like metrics); with one arm a side, ✱ marks a change of spread that "
         "the exact within-seed swap test confirms (p < 0.05, possible from 6 seeds); loss spikes = steps whose "
         "log-loss exceeds the trailing 25-step median by 5 robust standard deviations.",
         "**Cost** (one definition in every table): per seed, the cost with the trick on / off (the Arms table: the "
