@@ -108,7 +108,7 @@ class FlatGrads:
         self.flat.zero_()
 
 
-class SeedFlatGrads:
+class SeedFlatGrads(FlatGrads):
     """The gradients of S seeds' stacked parameters in one ``(S, P)`` buffer, seed-major.
 
     For a seed-vectorized group (``bench.loop.train_group``): each stacked parameter ``(S, *shape)``
@@ -120,7 +120,7 @@ class SeedFlatGrads:
     :meth:`norms` and :meth:`zero_` every step, :meth:`attached` before results leave.
     """
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]]) -> None:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]]) -> None:  # adopt(), attached(): FlatGrads'
         first = named_params[0][1]
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
@@ -149,22 +149,6 @@ class SeedFlatGrads:
         if len({p.shape[0] for _, p in named_params}) != 1:
             return None
         return SeedFlatGrads(named_params)
-
-    def adopt(self, task: str) -> None:
-        """After the first backward: move every gradient into the buffer (``RuntimeError`` naming a missing one)."""
-        missing = [n for n, p in zip(self.names, self.params) if p.grad is None]
-        if missing:
-            raise RuntimeError(
-                f"task {task} declares dense_grads, but parameter(s) {missing} received no gradient; "
-                "set dense_grads = False on the task"
-            )
-        for p, view in zip(self.params, self.views):
-            view.copy_(p.grad)
-            p.grad = view
-
-    def attached(self) -> bool:
-        """True while every ``.grad`` is still its view."""
-        return all(map(operator.is_, map(_GRAD, self.params), self.views))
 
     def norms(self) -> list[float]:
         """Each seed's total gradient 2-norm, computed as :meth:`FlatGrads.norm` computes a run's."""
