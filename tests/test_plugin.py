@@ -317,12 +317,8 @@ def test_equiv_rejects_bad_input_before_training(tmp_path: Path) -> None:
 # --- register_task from a launcher script reaches the local pool's workers ------------------------------
 
 
-def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> None:
-    """Tasks registered in code (no entry point) train in the local executor's spawned workers: one from an importable
-    module, one defined in the launching script (registered under its `__main__` guard)."""
-    (tmp_path / "line_task.py").write_text(
-        textwrap.dedent(
-            """
+LINE_TASK = textwrap.dedent(
+    """
             import torch
             from torch import nn
             from experiments.base import Task
@@ -351,9 +347,14 @@ def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> Non
                 def evaluate(self, model, final):
                     x = torch.linspace(-1, 1, 64)[:, None]
                     return {"mse": float(((model(x) - self.p["slope"] * x) ** 2).mean())}
-            """
-        )
-    )
+    """
+)  # a task registered in code (no entry point), written to a module file by the tests
+
+
+def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> None:
+    """Tasks registered in code (no entry point) train in the local executor's spawned workers: one from an importable
+    module, one defined in the launching script (registered under its `__main__` guard)."""
+    (tmp_path / "line_task.py").write_text(LINE_TASK)
     grid = {"grid": "line", "seeds": 2, "tasks": {"line_fit": {"tricks": ["example_ema"]}, "steep_fit": {}}}
     (tmp_path / "grid.yaml").write_text(json.dumps(grid))
     (tmp_path / "launch.py").write_text(

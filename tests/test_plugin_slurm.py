@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from bench import store
 from bench.cli import main
 from bench.executors.slurm import job_records
 from bench.executors.worker import read_state
+from tests.test_plugin import LINE_TASK
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "examples" / "plugin" / "grid.yaml"
@@ -123,40 +123,7 @@ def test_plugin_run_killed_mid_training_resumes_on_relaunch(tmp_path: Path) -> N
 
 def test_register_task_in_a_launcher_reaches_slurm_tasks(tmp_path: Path) -> None:
     """A task registered in code (module on PYTHONPATH, no entry point) trains in SLURM array tasks."""
-    (tmp_path / "line_task.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-            from experiments.base import Task
-            from tricks.card import Param
-
-            class Line(Task):
-                name = "line_fit"
-                summary = "fit a line"
-                params = (Param("slope", float, 2.0, "true slope"),)
-                metric = "mse"
-                higher_is_better = False
-                train_defaults = {"budget_samples": 256, "batch_size": 32, "eval_every_samples": 128,
-                                  "checkpoint_every_samples": 128}
-
-                def build_model(self):
-                    return nn.Linear(1, 1)
-
-                def batch(self, model, mb):
-                    x = torch.randn(mb.size, 1, generator=self.streams.generator("data", mb.step, mb.index))
-                    return x, self.p["slope"] * x
-
-                def loss(self, model, batch, mb):
-                    x, y = batch
-                    return ((model(x) - y) ** 2).mean(), {}
-
-                def evaluate(self, model, final):
-                    x = torch.linspace(-1, 1, 64)[:, None]
-                    return {"mse": float(((model(x) - self.p["slope"] * x) ** 2).mean())}
-            """
-        )
-    )
+    (tmp_path / "line_task.py").write_text(LINE_TASK)
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"grid": "line", "seeds": 2, "tasks": {"line_fit": {}}}))
     flags = [*FLAGS, "--runs-per-task", "2", "--slurm-wait"]
     (tmp_path / "launch.py").write_text(
