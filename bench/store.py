@@ -220,17 +220,23 @@ class _Damage(Exception):
     """A run folder failed a check (internal; becomes RunCheck(DAMAGED, reason))."""
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; _Damage saying what is wrong with the file otherwise."""
-    name = path.name
+def _regular_file(path: Path, missing: str = "") -> os.stat_result:
+    """``path``'s stat when it is a regular file; _Damage naming it (``missing``: what to add when it is absent)."""
     try:
         st = path.lstat()
     except FileNotFoundError:
-        raise _Damage(f"{name} is missing") from None
+        raise _Damage(f"{path.name} is missing{missing}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise _Damage(f"{name} is a folder, not a file")
+        raise _Damage(f"{path.name} is a folder, not a file")
     if not stat.S_ISREG(st.st_mode):
-        raise _Damage(f"{name} is not a regular file")
+        raise _Damage(f"{path.name} is not a regular file")
+    return st
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; _Damage saying what is wrong with the file otherwise."""
+    name = path.name
+    st = _regular_file(path)
     if st.st_size == 0:
         raise _Damage(f"{name} is empty (0 bytes)")
     if st.st_size > MAX_JSON_BYTES:
@@ -299,14 +305,7 @@ def _check_artefacts(path: Path, manifest: Any, deep: bool) -> None:
         ):
             raise _Damage(f"{RESULT}: the record of {name} is malformed: garbled")
         file = path / name
-        try:
-            st = file.lstat()
-        except FileNotFoundError:
-            raise _Damage(f"{name} is missing (result.json records {rec['bytes']} bytes)") from None
-        if stat.S_ISDIR(st.st_mode):
-            raise _Damage(f"{name} is a folder, not a file")
-        if not stat.S_ISREG(st.st_mode):
-            raise _Damage(f"{name} is not a regular file")
+        st = _regular_file(file, f" (result.json records {rec['bytes']} bytes)")
         if st.st_size != rec["bytes"]:
             raise _Damage(f"{name} has {st.st_size} bytes, result.json records {rec['bytes']}: truncated or replaced")
         if (deep or st.st_size <= SMALL_BYTES) and _sha256(file, st) != rec["sha256"]:

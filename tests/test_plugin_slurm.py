@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,28 +26,13 @@ from bench.cli import main
 from bench.executors.slurm import job_records
 from bench.executors.worker import read_state
 from tests.test_plugin import LINE_TASK
+from tests.test_slurm import _PROBLEM  # why the real cluster cannot be used (one probe for both files)
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "examples" / "plugin" / "grid.yaml"
 FLAGS = ["--executor", "slurm", "--slurm-partition", "debug", "--slurm-time-min", "10", "--no-progress", "--no-report"]
 
 
-def _cluster_problem() -> str | None:
-    """Why the real cluster cannot be used, or None when its node takes jobs (as tests/test_slurm.py decides)."""
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "no SLURM client on PATH (start the test cluster: bash slurm/cluster.sh install && ... start)"
-    try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"sinfo did not answer ({exc!r}); run bash slurm/cluster.sh start"
-    if out.returncode != 0:
-        return f"SLURM controller not reachable (sinfo: {out.stderr.strip()[:200]})"
-    if not any(s.rstrip("*") == s and s.startswith(("idle", "mixed", "alloc")) for s in out.stdout.split()):
-        return f"no SLURM node takes jobs (sinfo: {out.stdout.split()})"
-    return None
-
-
-_PROBLEM = _cluster_problem()
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))]
 
 
