@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # Nothing heavy at module level: `bench --help` and `bench run|list|status|report --help` import
@@ -536,9 +538,24 @@ def _main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the store is consistent — run the same command again to resume", file=sys.stderr)
-        return 130
+        return _interrupted()
     return 0
+
+
+def _interrupted() -> int:
+    """Say that the launch was interrupted and give exit status 130.
+
+    The pool has already stopped and checkpointed; a further Ctrl-C (a user pressing twice, or a terminal
+    repeating it) while this is said is absorbed, so the exit status is 130 whatever the timing.
+    """
+    while True:
+        try:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print("interrupted; the store is consistent — run the same command again to resume", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:  # arrived before SIGINT was ignored
+            continue
 
 
 if __name__ == "__main__":

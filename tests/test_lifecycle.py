@@ -8,11 +8,13 @@ its uninterrupted in-process training ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +117,14 @@ def _assert_as_uninterrupted(results: Path, spec: Path, tmp_factory: pytest.Temp
     return cells
 
 
+def _hold_ctrl_c(proc: subprocess.Popen[bytes], every_s: float = 0.01) -> None:
+    """Send SIGINT to ``proc``'s process group every ``every_s`` until it has exited (a key held down)."""
+    while proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(every_s)
+
+
 def _trained(rdir: Path) -> int:
     """How often a run was trained (started or resumed), from its own lease log."""
     return sum(e["event"] == "train" for e in lease.read_log(rdir))
@@ -122,17 +132,18 @@ def _trained(rdir: Path) -> int:
 
 @pytest.mark.parametrize(
     "how",
-    ["SIGTERM", "SIGHUP", "SIGKILL", "Ctrl-C", "Ctrl-C twice", "SIGTERM to the group"],
+    ["SIGTERM", "SIGHUP", "SIGKILL", "Ctrl-C", "Ctrl-C twice", "Ctrl-C held", "SIGTERM to the group"],
     ids=lambda h: h.replace(" ", "-"),
 )
 def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every_run_identically(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, synthetic_task: str, how: str
 ) -> None:
     """SIGTERM / SIGHUP / SIGKILL to the ``bench run`` process alone, Ctrl-C (SIGINT to the terminal's
-    process group, once or twice) or SIGTERM to the whole group while its pool trains: within 10 s no
-    process it started is alive, the interrupted runs kept a checkpoint and released their leases (SIGKILL:
-    the orphaned workers checkpoint at their next step themselves), and a re-launch finishes every run as if
-    nothing had happened (checked after the three signals to the launch alone)."""
+    process group, once, twice, or every 10 ms until it has exited) or SIGTERM to the whole group while its
+    pool trains: within 10 s no process it started is alive, the exit status is 130 (Ctrl-C, SIGTERM, SIGHUP),
+    the interrupted runs kept a checkpoint and released their leases (SIGKILL: the orphaned workers checkpoint
+    at their next step themselves), and a re-launch finishes every run as if nothing had happened (checked
+    after the three signals to the launch alone)."""
     spec, results = _spec(tmp_path, "lifecycle", LONG, seeds=3), tmp_path / "results"
     runs = results / "lifecycle" / "runs"
     proc = _launch(spec, results, tmp_path / "launch.log", "--jobs", "2", session=True)
@@ -146,6 +157,8 @@ def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every
             if how == "Ctrl-C twice":
                 time.sleep(0.2)
                 os.killpg(proc.pid, signal.SIGINT)
+            elif how == "Ctrl-C held":  # lands in every window of the shutdown, the last words included
+                threading.Thread(target=_hold_ctrl_c, args=(proc,), daemon=True).start()
         elif how == "SIGTERM to the group":
             os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does (every process of the job)
         else:
@@ -163,7 +176,8 @@ def test_whatever_ends_the_launch_ends_its_workers_and_a_relaunch_finishes_every
     assert not [p for p in _children(proc.pid) if _alive(p)]
     unfinished = [d for d in runs.iterdir() if not (d / store.RESULT).exists()]
     assert unfinished, "every run finished before the signal: nothing was interrupted"
-    if how != "Ctrl-C twice":  # a second Ctrl-C kills the workers: only the last periodic checkpoint is left
+    if how not in ("Ctrl-C twice", "Ctrl-C held"):  # a second Ctrl-C kills the workers: the last periodic
+        # checkpoint is what is left
         for rdir in unfinished:
             if (rdir / lease.LOG).exists():
                 assert lease.read_log(rdir)[-1]["event"] == "release", rdir
