@@ -25,7 +25,10 @@ computes exactly what the uninterrupted run computes (CPU, atol=0): the checkpoi
 model, optimizer, trick and task state plus the metric history, and nothing else is needed.
 
 Seed-vectorized groups (``bench run --vectorize-seeds S``, :func:`train_group`): S seeds of one arm
-train through this same loop in one process. Every seed is a full run of its own — its own task
+train through this same loop in one process — :func:`_loop` is written once for S members (a run
+alone is S = 1); only the step's arithmetic differs (:class:`_OneRun` for one run, :class:`_Group`
+for S seeds at once), behind the three calls ``begin``, ``forward_backward``, ``step_optimizer``.
+Every seed is a full run of its own — its own task
 instance (data, environment, replay buffer, target network) built from its own seed bundle, its own
 model built under its own ``init`` stream, its own evaluated-weights object (per-seed EMA, post-hoc
 EMA, periodic or checkpoint averaging state), history, divergence check, evaluations, run folder,
@@ -649,114 +652,9 @@ class _Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Resume if there is a checkpoint, then train through :func:`_loop` (a run alone: one member)."""
         self.maybe_resume()
-        model, optimizer, task, k = self.model, self.optimizer, self.task, self.k
-        fwd = self.train_model  # = model unless compiled
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()  # a disabled torch.autocast still costs µs per enter/exit
-        )
-        named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named_params]
-        clip = self.train_cfg["grad_clip_norm"] or None
-        uniform = len({(p.device, p.dtype) for p in params}) == 1
-        # gradients as views of one flat buffer (one-kernel norm and zeroing), for tasks whose every
-        # parameter gets a gradient at every step; adopted after this call's first backward
-        flat = FlatGrads.for_params(named_params) if task.dense_grads else None
-        eval_every, ckpt_every = self.train_cfg["eval_every_samples"], self.train_cfg["checkpoint_every_samples"]
-        hist = self.history["train"]
-        global_seeds: list[int] = []
-        seeds_from = self.state.step
-        lr_factor = math.nan  # the learning rate is written into the optimizer only when it changes
-        steps_this_call = 0
-        last_progress = 0.0
-        model.train()
-        t0 = time.perf_counter()
-        for step in range(self.state.step, self.total_steps):
-            if (self.ctx.stop is not None and self.ctx.stop()) or (
-                self.ctx.max_steps is not None and steps_this_call >= self.ctx.max_steps
-            ):
-                self.state.train_s += time.perf_counter() - t0
-                self.state.step = step
-                self.save_checkpoint()
-                return {"status": "interrupted", "step": step}
-            if step - seeds_from >= len(global_seeds):
-                seeds_from = step
-                global_seeds = self.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS)
-            _seed_global_rng(global_seeds[step - seeds_from], self.device)  # anything still on the global RNG
-            samples_before = step * self.samples_per_step
-            factor = _lr_factor(self.train_cfg, samples_before)
-            if factor != lr_factor:
-                lr_factor = factor
-                for group, base in zip(optimizer.param_groups, self.base_lrs):
-                    group["lr"] = base * factor
-
-            # accumulation: k micro-batches, each loss / k, gradients summed, one optimizer step
-            loss_sum: torch.Tensor | None = None
-            progress = samples_before / self.train_cfg["budget_samples"]
-            for micro, size in enumerate(self.micro_sizes):
-                mb = MicroBatch(step=step, index=micro, count=k, size=size, progress=progress)
-                batch = task.batch(fwd, mb)
-                with autocast:
-                    loss, _extra = task.loss(fwd, batch, mb)
-                (accumulation.scale_loss(loss, k) if k > 1 else loss).backward()  # k = 1: no extra graph node
-                # a float32 sum, as before from a float32 zero (0 + x == x bit for bit for any loss but -0.0)
-                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-            loss_value = float(loss_sum) / k
-            if flat is not None and self.flat is None:
-                flat.adopt(task.name)  # raises if a parameter got no gradient
-                self.flat = flat
-            if flat is not None and clip is None:
-                grad_norm = flat.norm()
-            else:  # clipping: clip_grad_norm_ (on the views when the buffer is used; the same bits)
-                grad_norm = float(_grad_norm_(params, clip, uniform))
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                self.state.train_s += time.perf_counter() - t0
-                return self._finish(diverged_step=step, last_loss=loss_value)
-            optimizer.step()
-            if flat is not None:
-                flat.zero_()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-            task.after_optimizer_step(model, step)
-            samples = (step + 1) * self.samples_per_step
-            if self.evaluated is not None:
-                self.evaluated.after_step(model, samples)  # once per optimizer step, never per micro-batch
-
-            hist["step"].append(step)
-            hist["samples"].append(samples)
-            hist["loss"].append(loss_value)
-            hist["grad_norm"].append(grad_norm)
-            hist["lr"].append(optimizer.param_groups[0]["lr"])
-            if self.ctx.tracker is not None:  # the training curve of the mirror (strides and buffers itself)
-                self.ctx.tracker.log_train(step, samples, loss_value, grad_norm, hist["lr"][-1])
-            steps_this_call += 1
-            last = step == self.total_steps - 1
-
-            if _crossed(step, self.samples_per_step, eval_every) or last:
-                self.state.train_s += time.perf_counter() - t0
-                t_eval = time.perf_counter()
-                metrics = self.evaluate(step, final=last)
-                if last:  # result.json gets the final estimator; the curve keeps the intermediate one
-                    self._final_metrics, metrics = metrics, self._curve_point(metrics)
-                self.state.eval_s += time.perf_counter() - t_eval
-                self.history["eval"].append({"step": step, "samples": samples, **metrics})
-                self._track(step, samples, loss_value, metrics)
-                t0 = time.perf_counter()
-            if _crossed(step, self.samples_per_step, ckpt_every) and not last:
-                self.state.step = step + 1
-                self.state.train_s += time.perf_counter() - t0
-                self.save_checkpoint()
-                t0 = time.perf_counter()
-            if self.ctx.on_progress is not None and (
-                time.perf_counter() - last_progress > self.ctx.progress_interval_s or last
-            ):
-                last_progress = time.perf_counter()
-                self.ctx.on_progress(step + 1, self.total_steps, loss_value)
-        self.state.train_s += time.perf_counter() - t0
-        self.state.step = self.total_steps
-        return self._finish(diverged_step=None, last_loss=hist["loss"][-1] if hist["loss"] else float("nan"))
+        return _loop([self], _OneRun(self))[0]
 
     def _track(self, step: int, samples: int, loss: float, metrics: dict[str, float]) -> None:
         if self.ctx.tracker is not None:
@@ -835,9 +733,10 @@ class _Group:
     """S seeds of one arm trained together: per-seed :class:`_Trainer` members, stacked weights, one optimizer.
 
     Built with every member's model re-pointed to its slice of the stack, then each member's roles
-    (with the group's optimizer) and each member's resume; ``run`` is the loop, step for step the
-    order of :meth:`_Trainer.run`, with the per-seed work done for each live member in turn and the
-    forward/backward/optimizer step done once for all.
+    (with the group's optimizer) and each member's resume; ``run`` trains the members through
+    :func:`_loop`, the loop of a run alone, with this object as the step's arithmetic (as
+    :class:`_OneRun` is for one run): every seed's batches, one vmapped forward/backward, per-seed
+    gradient norms, one optimizer step of the stacked weights.
     """
 
     def __init__(
@@ -964,170 +863,268 @@ class _Group:
         return forward
 
     def run(self) -> list[dict[str, Any]]:
+        """Train every member through :func:`_loop`, this group doing each step's arithmetic for all of them."""
         with warnings.catch_warnings():
             # the seed-major gradient buffer's views have other strides than the stacked parameters (by design:
             # row i must be seed i's run-alone layout); autograd accumulates into them in place all the same
             warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-            return self._run()
+            return _loop(self.members, self)
 
-    def _run(self) -> list[dict[str, Any]]:
-        members, optimizer, ctx = self.members, self.optimizer, self.ctx
-        lead = members[0]
-        n = len(members)
-        train_cfg, k, micro_sizes = lead.train_cfg, lead.k, lead.micro_sizes
-        sps, total_steps = lead.samples_per_step, lead.total_steps
-        clip = train_cfg["grad_clip_norm"] or None
+    # --- the step's arithmetic (called by _loop) ----------------------------------------------------
+    def begin(self) -> None:
+        """Before the first step of this launch: training mode, the gradient buffer and per-seed views."""
+        lead = self.members[0]
+        self.weights, self.stacked_buffers = tuple(self.params.values()), tuple(self.buffers.values())
         trainable = [self.params[name] for name in self.trainable]
-        uniform = len({(p.device, p.dtype) for p in trainable}) == 1
-        weights, buffers = tuple(self.params.values()), tuple(self.buffers.values())
+        self.clip = lead.train_cfg["grad_clip_norm"] or None
+        self.uniform = len({(p.device, p.dtype) for p in trainable}) == 1
         task_cls = type(lead.task)
         # a task that builds all seeds' batches at once (Task.batch_group) is asked; else each seed's batch
-        group_batch = getattr(task_cls.batch_group, "__func__", None) is not getattr(Task.batch_group, "__func__", None)
+        self.group_batch = getattr(task_cls.batch_group, "__func__", None) is not getattr(
+            Task.batch_group, "__func__", None
+        )
         # as a run alone: gradients in one buffer (seed-major: row i = seed i's run-alone layout) for tasks that
         # declare dense_grads, so each seed's norm is the same one BLAS call; else each seed's _grad_norm_
-        flat = (
+        self.flat_grads = (
             SeedFlatGrads.for_params([(n, self.params[n]) for n in self.trainable]) if lead.task.dense_grads else None
         )
-        adopted = False
-        seed_grads = [[_SeedGrad(p, i) for p in trainable] for i in range(n)]
-        eval_every, ckpt_every = train_cfg["eval_every_samples"], train_cfg["checkpoint_every_samples"]
-        for m in members:
-            m.state.vectorized_seeds = n
-        results: list[dict[str, Any] | None] = [None] * n
-        live = list(range(n))
-        last_batches: list[list[Any]] = [[] for _ in members]  # a diverged seed's slice recomputes its last batch
-        global_seeds: list[list[int]] = [[] for _ in members]
-        seeds_from = lead.state.step
-        lr_factor = math.nan
-        steps_this_call = 0
-        last_progress = 0.0
-        for m in members:
+        self.adopted = False
+        self.seed_grads = [[_SeedGrad(p, i) for p in trainable] for i in range(len(self.members))]
+        self.last_batches: list[list[Any]] = [[] for _ in self.members]  # a diverged seed's slice: its last batch
+        for m in self.members:
+            m.state.vectorized_seeds = len(self.members)
             m.model.train()
         self.skeleton.module.train()  # the module every seed's loss runs (in training mode, as a run's model)
-        t0 = time.perf_counter()
 
-        def account() -> None:  # the group's shared time since t0, split evenly over the live seeds
-            nonlocal t0
-            now = time.perf_counter()
+    def forward_backward(
+        self, mbs: list[MicroBatch], live: list[int], global_seeds: list[list[int]], offset: int
+    ) -> tuple[list[float], list[float]]:
+        """Every live seed's micro-batches (from its own task), one vmapped forward/backward per micro-batch for
+        all seeds, then each seed's gradient norm (clipped as its run alone when clipping). Returns the losses
+        and gradient norms of every member (a finished seed's slice computes on its last batch, ignored)."""
+        members, k = self.members, len(mbs)
+        lead = members[0]
+        if self.group_batch:  # the task builds every live seed's batch at once (e.g. environments in lockstep)
+            _seed_global_rng(global_seeds[live[0]][offset], lead.device)
+            forward = self._forward_fn(live)
+            task_cls = type(lead.task)
+            per_micro = [task_cls.batch_group([members[i].task for i in live], forward, mb) for mb in mbs]
+            for pos, i in enumerate(live):
+                self.last_batches[i] = [batches[pos] for batches in per_micro]  # type: ignore[index]
+        else:
             for i in live:
-                members[i].state.train_s += (now - t0) / len(live)
-            t0 = now
+                m = members[i]
+                _seed_global_rng(global_seeds[i][offset], m.device)
+                self.last_batches[i] = [m.task.batch(m.model, mb) for mb in mbs]
+        # the seeds are independent, so the gradient of the sum of their losses is each seed's own gradient
+        loss_sum: torch.Tensor | None = None
+        for j, mb in enumerate(mbs):
+            leaves, dims, structure = _stack_batches([b[j] for b in self.last_batches])
+            losses = self._vmapped_loss(dims, structure, mb)(self.weights, self.stacked_buffers, tuple(leaves))
+            (accumulation.scale_loss(losses, k) if k > 1 else losses).sum().backward()
+            loss_sum = losses.detach().float() if loss_sum is None else loss_sum + losses.detach().float()
+        loss_values = [v / k for v in loss_sum.tolist()]  # type: ignore[union-attr]
+        flat = self.flat_grads
+        if flat is not None and not self.adopted:
+            flat.adopt(lead.task.name)  # raises if a parameter got no gradient
+            self.adopted = True
+            for m in members:
+                m.flat = flat  # each member checks it is still attached before anything leaves its run
+        if flat is not None and self.clip is None:
+            return loss_values, flat.norms()
+        # each seed as its run alone: _grad_norm_ (clip_grad_norm_ when clipping) on its slices
+        return loss_values, [float(_grad_norm_(g, self.clip, self.uniform)) for g in self.seed_grads]  # type: ignore[arg-type]
 
-        def stop_requested() -> bool:
-            return any(m.ctx.stop is not None and m.ctx.stop() for m in members)
+    def step_optimizer(self) -> None:
+        """One optimizer step of the stacked weights (every seed's), then gradients zeroed."""
+        self.optimizer.step()
+        if self.flat_grads is not None:
+            self.flat_grads.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
-        for step in range(lead.state.step, total_steps):
-            if stop_requested() or (ctx.max_steps is not None and steps_this_call >= ctx.max_steps):
-                account()
-                for i in live:
-                    members[i].state.step = step
-                    members[i].save_checkpoint()
-                    results[i] = {"status": "interrupted", "step": step}
-                return results  # type: ignore[return-value]
-            if step - seeds_from >= len(global_seeds[0]):
-                seeds_from = step
-                global_seeds = [m.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS) for m in members]
-            samples_before = step * sps
-            factor = _lr_factor(train_cfg, samples_before)
-            if factor != lr_factor:
-                lr_factor = factor
-                for group, base in zip(optimizer.param_groups, lead.base_lrs):
-                    group["lr"] = base * factor
 
-            # each live seed draws its own micro-batches from its own task, as its run alone would
-            progress = samples_before / train_cfg["budget_samples"]
-            mbs = [
-                MicroBatch(step=step, index=j, count=k, size=size, progress=progress)
-                for j, size in enumerate(micro_sizes)
-            ]
-            if group_batch:  # the task builds every live seed's batch at once (e.g. environments in lockstep)
-                _seed_global_rng(global_seeds[live[0]][step - seeds_from], lead.device)
-                forward = self._forward_fn(live)
-                per_micro = [task_cls.batch_group([members[i].task for i in live], forward, mb) for mb in mbs]
-                for pos, i in enumerate(live):
-                    last_batches[i] = [batches[pos] for batches in per_micro]  # type: ignore[index]
-            else:
-                for i in live:
-                    m = members[i]
-                    _seed_global_rng(global_seeds[i][step - seeds_from], m.device)
-                    last_batches[i] = [m.task.batch(m.model, mb) for mb in mbs]
-            # one vmapped forward/backward for all seeds per micro-batch: the seeds are independent, so the
-            # gradient of the sum of their losses is each seed's own gradient in its slice
-            loss_sum: torch.Tensor | None = None
-            for j, mb in enumerate(mbs):
-                leaves, dims, structure = _stack_batches([b[j] for b in last_batches])
-                losses = self._vmapped_loss(dims, structure, mb)(weights, buffers, tuple(leaves))
-                (accumulation.scale_loss(losses, k) if k > 1 else losses).sum().backward()
-                loss_sum = losses.detach().float() if loss_sum is None else loss_sum + losses.detach().float()
-            loss_values = [v / k for v in loss_sum.tolist()]  # type: ignore[union-attr]
-            if flat is not None and not adopted:
-                flat.adopt(lead.task.name)  # raises if a parameter got no gradient
-                adopted = True
-                for m in members:
-                    m.flat = flat  # each member checks it is still attached before anything leaves its run
-            if flat is not None and clip is None:
-                norm_values = flat.norms()
-            else:  # each seed as its run alone: _grad_norm_ (clip_grad_norm_ when clipping) on its slices
-                norm_values = [float(_grad_norm_(g, clip, uniform)) for g in seed_grads]  # type: ignore[arg-type]
+class _OneRun:
+    """The step's arithmetic of a run alone (one member): its micro-batches, forward/backward, gradient norm
+    (one kernel on the flat buffer, or ``clip_grad_norm_`` when clipping) and optimizer step. :func:`_loop`
+    calls it; :class:`_Group` is the same for S seeds at once."""
+
+    def __init__(self, run: _Trainer) -> None:
+        self.run = run
+        self.optimizer = run.optimizer
+
+    def begin(self) -> None:
+        """Before the first step of this launch: training mode and the flat gradient buffer (adopted after the
+        first backward)."""
+        run = self.run
+        named_params = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named_params]
+        self.clip = run.train_cfg["grad_clip_norm"] or None
+        self.uniform = len({(p.device, p.dtype) for p in self.params}) == 1
+        # gradients as views of one flat buffer (one-kernel norm and zeroing), for tasks whose every
+        # parameter gets a gradient at every step; adopted after this launch's first backward
+        self.flat = FlatGrads.for_params(named_params) if run.task.dense_grads else None
+        self.fwd = run.train_model  # = model unless compiled
+        self.autocast = (
+            torch.autocast(run.device.type, dtype=run.autocast_dtype)
+            if run.autocast_dtype is not None
+            else contextlib.nullcontext()  # a disabled torch.autocast still costs µs per enter/exit
+        )
+        run.model.train()
+
+    def forward_backward(
+        self, mbs: list[MicroBatch], live: list[int], global_seeds: list[list[int]], offset: int
+    ) -> tuple[list[float], list[float]]:
+        """k micro-batches, each loss / k, gradients summed; then the gradient norm (clipped when clipping)."""
+        run, fwd, k = self.run, self.fwd, len(mbs)
+        task = run.task
+        _seed_global_rng(global_seeds[0][offset], run.device)  # anything still on the global RNG
+        loss_sum: torch.Tensor | None = None
+        for mb in mbs:
+            batch = task.batch(fwd, mb)
+            with self.autocast:
+                loss, _extra = task.loss(fwd, batch, mb)
+            (accumulation.scale_loss(loss, k) if k > 1 else loss).backward()  # k = 1: no extra graph node
+            # a float32 sum, as before from a float32 zero (0 + x == x bit for bit for any loss but -0.0)
+            loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        loss_value = float(loss_sum) / k  # type: ignore[arg-type]
+        flat = self.flat
+        if flat is not None and run.flat is None:
+            flat.adopt(task.name)  # raises if a parameter got no gradient
+            run.flat = flat
+        if flat is not None and self.clip is None:
+            return [loss_value], [flat.norm()]
+        # clipping: clip_grad_norm_ (on the views when the buffer is used; the same bits)
+        return [loss_value], [float(_grad_norm_(self.params, self.clip, self.uniform))]
+
+    def step_optimizer(self) -> None:
+        """One optimizer step, then gradients zeroed (the flat buffer in one kernel)."""
+        self.optimizer.step()
+        if self.flat is not None:
+            self.flat.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def _loop(members: list[_Trainer], arithmetic: _OneRun | _Group) -> list[dict[str, Any]]:
+    """The training loop, for a run alone (one member) and for a seed-vectorized group (S members) alike.
+
+    Per optimizer step, in this order: stop? (checkpoint every live member, ``interrupted``) → the
+    per-step global-RNG seed → learning rate → the step's micro-batches, forward/backward and gradient
+    norms (``arithmetic``: one run's, or one vmapped computation for every seed) → divergence check per
+    member (a diverged member is finished as its run alone: this step not recorded) → optimizer step →
+    per member: ``task.after_optimizer_step``, ``evaluated_weights.after_step``, history, tracker →
+    [evaluate every live member] → [checkpoint every live member] → progress. Time is split evenly over
+    the live members. Returns one result per member, in order.
+    """
+    lead = members[0]
+    ctx, optimizer = lead.ctx, arithmetic.optimizer
+    n = len(members)
+    train_cfg, micro_sizes = lead.train_cfg, lead.micro_sizes
+    k, sps, total_steps = lead.k, lead.samples_per_step, lead.total_steps
+    eval_every, ckpt_every = train_cfg["eval_every_samples"], train_cfg["checkpoint_every_samples"]
+    budget = train_cfg["budget_samples"]
+    arithmetic.begin()
+    results: list[dict[str, Any] | None] = [None] * n
+    live = list(range(n))
+    global_seeds: list[list[int]] = [[] for _ in members]
+    seeds_from = lead.state.step
+    offset = 0
+    lr_factor = math.nan  # the learning rate is written into the optimizer only when it changes
+    steps_this_call = 0
+    last_progress = 0.0
+    t0 = time.perf_counter()
+
+    def account() -> None:  # the shared time since t0, split evenly over the live members
+        nonlocal t0
+        now = time.perf_counter()
+        for i in live:
+            members[i].state.train_s += (now - t0) / len(live)
+        t0 = now
+
+    stops = [m.ctx.stop for m in members if m.ctx.stop is not None]  # polled every step: a stop stops all
+    max_steps = ctx.max_steps if ctx.max_steps is not None else math.inf
+    for step in range(lead.state.step, total_steps):
+        if steps_this_call >= max_steps or (stops and any([stop() for stop in stops])):
+            account()
+            for i in live:
+                members[i].state.step = step
+                members[i].save_checkpoint()
+                results[i] = {"status": "interrupted", "step": step}
+            return results  # type: ignore[return-value]
+        offset = step - seeds_from
+        if offset >= len(global_seeds[0]):
+            seeds_from, offset = step, 0
+            global_seeds = [m.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS) for m in members]
+        samples_before = step * sps
+        factor = _lr_factor(train_cfg, samples_before)
+        if factor != lr_factor:
+            lr_factor = factor
+            for group, base in zip(optimizer.param_groups, lead.base_lrs):
+                group["lr"] = base * factor
+
+        # micro_batches role: k micro-batches, each loss / k, gradients summed, one optimizer step
+        progress = samples_before / budget
+        mbs = [
+            MicroBatch(step=step, index=j, count=k, size=size, progress=progress) for j, size in enumerate(micro_sizes)
+        ]
+        loss_values, norm_values = arithmetic.forward_backward(mbs, live, global_seeds, offset)
+        if not (math.isfinite(sum(loss_values)) and math.isfinite(sum(norm_values))):  # some member diverged
             for i in [i for i in live if not (math.isfinite(loss_values[i]) and math.isfinite(norm_values[i]))]:
                 account()
-                live.remove(i)  # as its run alone: finished at this step, the step not recorded
+                live.remove(i)  # finished at this step, the step not recorded
                 results[i] = members[i]._finish(diverged_step=step, last_loss=loss_values[i])
             if not live:
                 return results  # type: ignore[return-value]
-            optimizer.step()
-            if flat is not None:
-                flat.zero_()
-            else:
-                optimizer.zero_grad(set_to_none=True)
-            samples = (step + 1) * sps
-            lr = optimizer.param_groups[0]["lr"]
-            for i in live:
-                m = members[i]
-                m.task.after_optimizer_step(m.model, step)
-                if m.evaluated is not None:
-                    m.evaluated.after_step(m.model, samples)  # once per optimizer step, never per micro-batch
-                hist = m.history["train"]
-                hist["step"].append(step)
-                hist["samples"].append(samples)
-                hist["loss"].append(loss_values[i])
-                hist["grad_norm"].append(norm_values[i])
-                hist["lr"].append(lr)
-                if m.ctx.tracker is not None:
-                    m.ctx.tracker.log_train(step, samples, loss_values[i], norm_values[i], lr)
-            steps_this_call += 1
-            last = step == total_steps - 1
-
-            if _crossed(step, sps, eval_every) or last:
-                account()
-                for i in live:
-                    m = members[i]
-                    t_eval = time.perf_counter()
-                    metrics = m.evaluate(step, final=last)
-                    if last:  # as a run alone: result.json gets the final estimator, the curve the intermediate one
-                        m._final_metrics, metrics = metrics, m._curve_point(metrics)
-                    m.state.eval_s += time.perf_counter() - t_eval
-                    m.history["eval"].append({"step": step, "samples": samples, **metrics})
-                    m._track(step, samples, loss_values[i], metrics)
-                t0 = time.perf_counter()
-            if _crossed(step, sps, ckpt_every) and not last:
-                account()
-                for i in live:  # written together: every member's checkpoint at the same step
-                    members[i].state.step = step + 1
-                    members[i].save_checkpoint()
-                t0 = time.perf_counter()
-            if time.perf_counter() - last_progress > ctx.progress_interval_s or last:
-                last_progress = time.perf_counter()
-                for i in live:
-                    if members[i].ctx.on_progress is not None:
-                        members[i].ctx.on_progress(step + 1, total_steps, loss_values[i])
-        account()
+        arithmetic.step_optimizer()
+        samples = (step + 1) * sps
+        lr = optimizer.param_groups[0]["lr"]
         for i in live:
             m = members[i]
-            m.state.step = total_steps
-            hist = m.history["train"]["loss"]
-            results[i] = m._finish(diverged_step=None, last_loss=hist[-1] if hist else float("nan"))
-        return results  # type: ignore[return-value]
+            m.task.after_optimizer_step(m.model, step)
+            if m.evaluated is not None:
+                m.evaluated.after_step(m.model, samples)  # once per optimizer step, never per micro-batch
+            hist = m.history["train"]
+            hist["step"].append(step)
+            hist["samples"].append(samples)
+            hist["loss"].append(loss_values[i])
+            hist["grad_norm"].append(norm_values[i])
+            hist["lr"].append(lr)
+            if m.ctx.tracker is not None:  # the training curve of the mirror (strides and buffers itself)
+                m.ctx.tracker.log_train(step, samples, loss_values[i], norm_values[i], lr)
+        steps_this_call += 1
+        last = step == total_steps - 1
+
+        if _crossed(step, sps, eval_every) or last:
+            account()
+            for i in live:
+                m = members[i]
+                t_eval = time.perf_counter()
+                metrics = m.evaluate(step, final=last)
+                if last:  # result.json gets the final estimator; the curve keeps the intermediate one
+                    m._final_metrics, metrics = metrics, m._curve_point(metrics)
+                m.state.eval_s += time.perf_counter() - t_eval
+                m.history["eval"].append({"step": step, "samples": samples, **metrics})
+                m._track(step, samples, loss_values[i], metrics)
+            t0 = time.perf_counter()
+        if _crossed(step, sps, ckpt_every) and not last:
+            account()
+            for i in live:  # written together: every member's checkpoint at the same step
+                members[i].state.step = step + 1
+                members[i].save_checkpoint()
+            t0 = time.perf_counter()
+        if time.perf_counter() - last_progress > ctx.progress_interval_s or last:
+            last_progress = time.perf_counter()
+            for i in live:
+                if members[i].ctx.on_progress is not None:
+                    members[i].ctx.on_progress(step + 1, total_steps, loss_values[i])
+    account()
+    for i in live:
+        m = members[i]
+        m.state.step = total_steps
+        hist = m.history["train"]["loss"]
+        results[i] = m._finish(diverged_step=None, last_loss=hist[-1] if hist else float("nan"))
+    return results  # type: ignore[return-value]
 
 
 def write_config(cell: Cell, out_dir: Path, code_version: str, grid_tricks: list[str]) -> None:
