@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -181,3 +182,92 @@ def test_parent_death_signal_is_armed_on_linux() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, check=True)
     assert int(out.stdout) == 15
+
+
+FORK_SPEC = {
+    "grid": "start",
+    "seeds": 2,
+    "tasks": {
+        "toy_diffusion": {
+            "params": {"hidden": 16},
+            "train": {"budget_samples": 512, "batch_size": 64, "eval_every_samples": 256},
+            "tricks": ["ema"],
+        }
+    },
+}
+
+
+def test_forked_and_spawned_workers_train_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's workers forked from the launcher (Linux, CPU: the default) or spawned afresh (CUDA, other
+    platforms): every run's metrics, curves and final weights are the same bits either way."""
+    from bench.executors.local import WORKER_START_ENV
+
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump(FORK_SPEC))
+    for method in ("fork", "spawn"):
+        monkeypatch.setenv(WORKER_START_ENV, method)
+        argv = ["run", str(spec), "--results", str(tmp_path / method), "--jobs", "2", "--no-progress", "--no-report"]
+        assert main(argv) == 0
+    runs = sorted(p.name for p in (tmp_path / "fork" / "start" / "runs").iterdir())
+    assert len(runs) == 4 == len(list((tmp_path / "spawn" / "start" / "runs").iterdir()))
+    for run_id in runs:
+        a, b = (tmp_path / m / "start" / "runs" / run_id for m in ("fork", "spawn"))
+        assert store.read_json(a / store.RESULT)["metric"] == store.read_json(b / store.RESULT)["metric"]
+        assert (a / "curve.csv").read_text() == (b / "curve.csv").read_text()
+        wa, wb = (torch.load(d / "final_model.pt", weights_only=True) for d in (a, b))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), run_id
+
+
+def test_start_method_forks_only_where_it_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fork on Linux for CPU runs; spawn for CUDA; the environment variable overrides, and a wrong value is an
+    error naming the variable and what is allowed."""
+    from bench.executors.local import WORKER_START_ENV, start_method
+
+    monkeypatch.delenv(WORKER_START_ENV, raising=False)
+    assert start_method("cpu") == ("fork" if sys.platform.startswith("linux") else "spawn")
+    assert start_method("cuda") == start_method("cuda:1") == start_method("cpu", gpu_count=2) == "spawn"
+    monkeypatch.setenv(WORKER_START_ENV, "spawn")
+    assert start_method("cpu") == "spawn"
+    monkeypatch.setenv(WORKER_START_ENV, "forkserver")
+    with pytest.raises(ValueError, match=rf"\${WORKER_START_ENV}: 'forkserver' is not allowed; allowed: fork, spawn"):
+        start_method("cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork and /proc")
+def test_a_forked_worker_holds_none_of_the_launchers_pipe_ends() -> None:
+    """Forked workers inherit the launcher's descriptors; each closes the launcher's end of its own pipes and of
+    the workers forked before it — else a lifeline's write end would outlive the launcher and its EOF (how a
+    worker learns at once that the launcher died) would never come."""
+    import multiprocessing as mp
+
+    from bench.executors.local import _Worker
+    from tricks.plugins import registrations
+
+    ctx = mp.get_context("fork")
+    workers: list = []
+    try:
+        for i in range(2):
+            workers.append(_Worker(ctx, i, None, (1, ["toy_diffusion"], False, registrations()), workers))
+        for w in workers:
+            assert w.conn.poll(120) and w.conn.recv()[0] == "ready"
+        # the launcher's ends: each pipe's socket of its own (a socketpair end has its own inode), each lifeline's
+        # write end (a pipe's two ends share one inode: told apart by the access mode)
+        sockets = {os.fstat(w.conn.fileno()).st_ino for w in workers}
+        write_ends = {os.fstat(w.lifeline.fileno()).st_ino for w in workers}
+        for w in workers:
+            held_sockets, held_write_ends = set(), set()
+            for fd in Path(f"/proc/{w.pid}/fd").iterdir():
+                target = os.readlink(fd)
+                inode = int(target.split("[")[1].rstrip("]")) if target.endswith("]") else None
+                flags = int((Path(f"/proc/{w.pid}/fdinfo") / fd.name).read_text().split("flags:")[1].split()[0], 8)
+                if target.startswith("socket:["):
+                    held_sockets.add(inode)
+                elif target.startswith("pipe:[") and flags & os.O_ACCMODE == os.O_WRONLY:
+                    held_write_ends.add(inode)
+            assert not held_sockets & sockets, (w.index, "a launcher's pipe end")
+            assert not held_write_ends & write_ends, (w.index, "a lifeline's write end")
+    finally:
+        for w in workers:
+            with contextlib.suppress(OSError):
+                w.conn.send(None)
+            w.process.join(30)

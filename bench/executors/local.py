@@ -2,9 +2,12 @@
 
 Each worker process trains one run at a time with ``threads`` torch threads (default 1:
 parallelism comes from one run per core, and a run's numbers do not depend on where it ran).
-Workers are spawned once per launch and stay warm across runs: the expensive imports (torch,
-the task modules, the ``torch._dynamo`` import that the first optimizer step triggers) are paid
-once per worker when it starts, then frozen out of the garbage collector (``gc.freeze``). The
+Workers start once per launch and stay warm across runs. On Linux with CPU runs they are forked
+from the launching process after it imported what they need (torch, the task modules, the
+``torch._dynamo`` import that the first optimizer step triggers: :func:`preload`), so those ~2
+CPU-s are paid once per launch, not once per worker; elsewhere (CUDA, other platforms) they are
+spawned and pay it each (:func:`start_method`). Either way what a worker holds after warming up
+is frozen out of the garbage collector (``gc.freeze``). The
 launching process talks to each worker over one pipe (runs out; progress and results back) —
 no ``multiprocessing.Manager`` server, no shared queue — and hands a run only to an idle worker.
 
@@ -60,16 +63,19 @@ from tricks.plugins import registrations
 
 __all__ = [
     "ORPHAN_GRACE_ENV",
+    "WORKER_START_ENV",
     "Terminated",
     "default_jobs",
     "gpu_jobs",
     "run_debug",
     "run_local",
     "run_pool",
+    "start_method",
     "worker_device",
 ]
 
 ORPHAN_GRACE_ENV = "TRICKBENCH_ORPHAN_GRACE_S"
+WORKER_START_ENV = "TRICKBENCH_WORKER_START"  # fork | spawn: how pool workers start (default: start_method)
 ORPHAN_GRACE_S = 5.0  # an orphaned worker's run has this long to reach a step boundary and checkpoint
 PARENT_POLL_S = 0.5  # a worker checks its parent at least this often (the pipe wakes it at once)
 POOL_POLL_S = 0.25  # the launching process checks its stop conditions at least this often
@@ -101,6 +107,41 @@ def default_jobs() -> int:
 def worker_device(index: int, gpu_count: int) -> str:
     """The device of pool worker ``index`` (0-based, in start order) when runs are packed onto GPUs."""
     return f"cuda:{index % gpu_count}"
+
+
+def start_method(device: str, gpu_count: int = 0) -> str:
+    """How pool workers start: ``fork`` on Linux for CPU runs, else ``spawn``; ``$TRICKBENCH_WORKER_START`` overrides.
+
+    A forked worker starts with the launcher's imports (torch, the harness, the task modules, the optimizers'
+    lazy ``torch._dynamo``: :func:`preload`), ~2 CPU-s that a spawned worker pays again. Spawn where fork is
+    not safe: CUDA (a child cannot use a CUDA context its parent created) and platforms other than Linux.
+    Results do not depend on it (every random number comes from the run's seed bundle; tested both ways).
+    """
+    forced = os.environ.get(WORKER_START_ENV, "")
+    if forced:
+        if forced not in ("fork", "spawn"):
+            raise ValueError(f"${WORKER_START_ENV}: {forced!r} is not allowed; allowed: fork, spawn")
+        return forced
+    cuda = device.startswith("cuda") or gpu_count > 0 or _cuda_initialized()
+    return "fork" if sys.platform.startswith("linux") and not cuda else "spawn"
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def preload(task_names: Sequence[str]) -> None:
+    """Before forking workers: import here once what every worker needs (the task modules, the training loop,
+    ``torch._dynamo``, which ``torch.optim``'s first step imports) so that each worker inherits it."""
+    import torch._dynamo  # noqa: F401  (~1 CPU-s, once per launch instead of once per worker)
+
+    import bench.loop  # noqa: F401
+    from experiments.registry import get_task
+
+    for name in task_names:
+        with contextlib.suppress(Exception):  # the worker's warm-up meets the same error and reports it
+            get_task(name)
 
 
 def gpu_jobs(runs_per_gpu: int, device: str) -> tuple[int, int]:
@@ -171,8 +212,12 @@ def _watch_parent(lifeline: Connection, parent_pid: int) -> None:
     os._exit(0 if not _BUSY.is_set() else 1)
 
 
-def _warm_up(threads: int, task_names: Sequence[str], device: str | None) -> None:
-    """Pay once per worker what the first run would pay: imports, task modules, the optimizers' lazy imports."""
+def _warm_up(threads: int, task_names: Sequence[str], device: str | None, forked: bool = False) -> None:
+    """Pay once per worker what the first run would pay: imports, task modules, the optimizers' lazy imports.
+
+    A forked worker inherited all of it from the launcher (:func:`preload`): here it only sets its threads and
+    freezes what it has (no full collection: the launcher froze its objects before forking).
+    """
     import torch
 
     import bench.loop  # noqa: F401  (torch, tricks, seeds, store)
@@ -187,8 +232,9 @@ def _warm_up(threads: int, task_names: Sequence[str], device: str | None) -> Non
     param = torch.nn.Parameter(torch.zeros(2))
     param.grad = torch.ones(2)
     for opt in (torch.optim.AdamW([param]), torch.optim.SGD([param], lr=0.1, momentum=0.9)):
-        opt.step()  # the first step imports torch._dynamo (+ sympy): ~1 CPU-s
-    gc.collect()
+        opt.step()  # the first step imports torch._dynamo (+ sympy): ~1 CPU-s (a forked worker: inherited)
+    if not forked:
+        gc.collect()
     gc.freeze()  # everything imported so far is permanent: later collections skip its ~10^6 objects
 
 
@@ -201,9 +247,18 @@ def _worker_main(
     task_names: list[str],
     catch_usr2: bool,
     plugin_records: list[tuple[str, str, str | None]],
+    inherited: list[Connection],
 ) -> None:
-    """A pool worker: warm up, then train the runs the launching process sends until told to stop."""
+    """A pool worker: warm up, then train the runs the launching process sends until told to stop.
+
+    ``inherited`` (a forked worker): the launcher's pipe ends this process got with its memory, closed first.
+    """
     global _DEVICE
+    for end in inherited:
+        end.close()
+    _SIGNALS.clear()
+    _ORPHANED.clear()
+    _BUSY.clear()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launching process, which stops the pool
     for sig in (signal.SIGTERM, signal.SIGHUP, *((signal.SIGUSR2,) if catch_usr2 else ())):
         signal.signal(sig, _record_signal)
@@ -214,7 +269,7 @@ def _worker_main(
     _DEVICE = device
     try:
         replay_registrations(plugin_records)  # tricks/tasks the launcher registered by code (register_*)
-        _warm_up(threads, task_names, device)
+        _warm_up(threads, task_names, device, forked=bool(inherited))
         conn.send(("ready", os.getpid()))
         while not _stopped():
             msg = conn.recv()
@@ -358,19 +413,34 @@ class _ParentSignals:
 
 
 class _Worker:
-    """The launching process's handle on one worker: process, its pipe end, the run it holds."""
+    """The launching process's handle on one worker: process, its pipe end, the run it holds.
 
-    def __init__(self, ctx: Any, index: int, device: str | None, args: tuple[Any, ...]) -> None:
+    ``others``: the live workers' handles (a forked worker closes their pipe ends, which it inherited)."""
+
+    def __init__(
+        self, ctx: Any, index: int, device: str | None, args: tuple[Any, ...], others: Sequence[_Worker] = ()
+    ) -> None:
         self.index, self.device = index, device
         self.conn, child_conn = ctx.Pipe(duplex=True)
         child_lifeline, self.lifeline = ctx.Pipe(duplex=False)  # we keep the write end: EOF there when we die
+        forked = ctx.get_start_method() == "fork"
+        # a forked worker inherits every descriptor of this process: it must close the launcher's ends of its own
+        # pipes and of the other workers' (else a lifeline's write end outlives the launcher, and no EOF comes)
+        inherited = [self.conn, self.lifeline, *(c for w in others for c in (w.conn, w.lifeline))] if forked else []
         self.process = ctx.Process(
             target=_worker_main,
-            args=(child_conn, child_lifeline, os.getpid(), args[0], device, *args[1:]),
+            args=(child_conn, child_lifeline, os.getpid(), args[0], device, *args[1:], inherited),
             name=f"trickbench-worker-{index}",
             daemon=False,
         )
-        self.process.start()
+        if forked:
+            gc.freeze()  # the worker's copy starts frozen (no collection walks, and dirties, the inherited objects)
+            try:
+                self.process.start()
+            finally:
+                gc.unfreeze()
+        else:
+            self.process.start()
         child_conn.close()
         child_lifeline.close()
         self.ready = False  # warmed up and waiting for a run
@@ -484,7 +554,9 @@ def run_pool(
     jobs = max(1, min(jobs, len(cells)))
     threads = threads or 1  # one thread per run: bit-identical to a resume on any executor
     grid_tricks = grid_tricks or {}
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method(device, gpu_count))
+    if ctx.get_start_method() == "fork":
+        preload(sorted({c.task for item in cells for c in item_cells(item)}))
     runs = [c for item in cells for c in item_cells(item)]
     task_names = sorted({c.task for c in runs})
     labels = {c.run_id: f"{c.task}/{c.arm}/s{c.seed}"[:48] for c in runs}
@@ -498,7 +570,7 @@ def run_pool(
 
     def spawn(index: int) -> _Worker:
         pinned = worker_device(index, gpu_count) if gpu_count else None
-        return _Worker(ctx, index, pinned, (threads, task_names, job_id is not None, registrations()))
+        return _Worker(ctx, index, pinned, (threads, task_names, job_id is not None, registrations()), workers)
 
     def work_args(item: WorkItem) -> tuple[Any, ...]:
         cell = item_cells(item)[0]
@@ -577,7 +649,8 @@ def run_pool(
 
     with _ParentSignals() as parent_signals:
         try:
-            workers.extend(spawn(i) for i in range(jobs))
+            for i in range(jobs):
+                workers.append(spawn(i))  # one at a time: a forked worker closes the earlier ones' pipe ends
             while workers or (todo and not stopping):
                 if parent_signals.received and not stopping:
                     begin_stop("interrupted: running runs checkpoint at their next step; re-launch to resume")
@@ -600,7 +673,8 @@ def run_pool(
                     if len(todo) > starting and len(workers) < jobs:  # a worker died: replace it
                         used = {w.index for w in workers}
                         free = [i for i in range(jobs) if i not in used]
-                        workers.extend(spawn(i) for i in free[: len(todo) - starting])
+                        for i in free[: len(todo) - starting]:
+                            workers.append(spawn(i))
                 by_conn = {w.conn: w for w in workers}
                 by_sentinel = {w.process.sentinel: w for w in workers}
                 for obj in wait([*by_conn, *by_sentinel], timeout=POOL_POLL_S):
