@@ -453,8 +453,8 @@ class _Trainer:
         self.task, self.context = build_task(cfg, self.streams, self.device)
         self.tricks: TrickSet = self.task.trickset
         self.metric, self.higher_is_better = self.task.metric, self.task.higher_is_better
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.streams.seed_for("init"))
+        with torch.random.fork_rng(devices=[]):  # the model is built on the CPU, from the CPU generator
+            torch.default_generator.manual_seed(self.streams.seed_for("init"))  # = torch.manual_seed's CPU state
             self.model = self.task.build_model().to(self.device)
         # the optimizer state a checkpoint holds, and how a checkpoint's is restored (a group member: its slice)
         self.optimizer_state: Callable[[], dict[str, Any]] = lambda: self.optimizer.state_dict()
@@ -1055,7 +1055,8 @@ def _loop(members: list[_Trainer], arithmetic: _OneRun | _Group) -> list[dict[st
         offset = step - seeds_from
         if offset >= len(global_seeds[0]):
             seeds_from, offset = step, 0
-            global_seeds = [m.streams.seeds_for("global", step, step + GLOBAL_SEED_CHUNK_STEPS) for m in members]
+            chunk_end = min(step + GLOBAL_SEED_CHUNK_STEPS, total_steps)
+            global_seeds = [m.streams.seeds_for("global", step, chunk_end) for m in members]
         samples_before = step * sps
         factor = _lr_factor(train_cfg, samples_before)
         if factor != lr_factor:

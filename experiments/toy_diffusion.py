@@ -196,8 +196,8 @@ def _seeded(seed: int | None) -> Iterator[None]:
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # layers are created on the CPU, from the CPU generator
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed's CPU state, without its lazy-CUDA queue
         yield
 
 
