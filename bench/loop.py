@@ -172,9 +172,19 @@ def _build_optimizer(model: nn.Module, cfg: dict[str, Any], grouping: Any) -> to
         groups = grouping.param_groups(model, wd)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": wd}]
+    # foreach: the multi-tensor update, bit-identical to the per-parameter loop that is torch's CPU default and
+    # 5-25 % cheaper (`bench perf`); the fused kernels are faster still but move last bits, so they are not used
     if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["momentum"], 0.999))
-    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
+        return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["momentum"], 0.999), foreach=True)
+    return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"], foreach=True)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore a checkpoint's optimizer state; the update stays the multi-tensor one (a checkpoint written
+    before it was chosen carries ``foreach: None`` in its groups — the same numbers, the slower loop)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["foreach"] = True
 
 
 def _lr_factor(cfg: dict[str, Any], samples: int) -> float:
@@ -458,7 +468,9 @@ class _Trainer:
             self.model = self.task.build_model().to(self.device)
         # the optimizer state a checkpoint holds, and how a checkpoint's is restored (a group member: its slice)
         self.optimizer_state: Callable[[], dict[str, Any]] = lambda: self.optimizer.state_dict()
-        self.load_optimizer_state: Callable[[dict[str, Any]], None] = lambda sd: self.optimizer.load_state_dict(sd)
+        self.load_optimizer_state: Callable[[dict[str, Any]], None] = lambda sd: _load_optimizer_state(
+            self.optimizer, sd
+        )
         if not member:
             self.mem.rebase()  # count what training adds (optimizer, trick state, activations), not imports or data
             self.build_roles(None)
@@ -812,7 +824,7 @@ class _Group:
                     state[idx][key] = v
                 else:
                     state[idx][key] = torch.stack(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": first["param_groups"]})
+        _load_optimizer_state(self.optimizer, {"state": state, "param_groups": first["param_groups"]})
         self._pending = [None] * len(self.members)
 
     # --- the loop ---------------------------------------------------------------------------------
