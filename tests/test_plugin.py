@@ -351,9 +351,11 @@ LINE_TASK = textwrap.dedent(
 )  # a task registered in code (no entry point), written to a module file by the tests
 
 
-def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> None:
-    """Tasks registered in code (no entry point) train in the local executor's spawned workers: one from an importable
-    module, one defined in the launching script (registered under its `__main__` guard)."""
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path, start: str) -> None:
+    """Tasks registered in code (no entry point) train in the local executor's workers, forked (Linux, CPU: the
+    default) or spawned (CUDA, other platforms): one from an importable module, one defined in the launching
+    script (registered under its `__main__` guard)."""
     (tmp_path / "line_task.py").write_text(LINE_TASK)
     grid = {"grid": "line", "seeds": 2, "tasks": {"line_fit": {"tricks": ["example_ema"]}, "steep_fit": {}}}
     (tmp_path / "grid.yaml").write_text(json.dumps(grid))
@@ -375,6 +377,40 @@ def test_register_task_in_a_launcher_reaches_pool_workers(tmp_path: Path) -> Non
             """
         )
     )
-    proc = subprocess.run([sys.executable, "launch.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = os.environ | {"TRICKBENCH_WORKER_START": start}
+    proc = subprocess.run(
+        [sys.executable, "launch.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc
     assert "trained: 6 completed" in proc.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers")
+def test_a_task_defined_where_nothing_can_import_it_reaches_forked_workers(tmp_path: Path) -> None:
+    """A task class made at run time (as in a notebook cell: no module a worker could import it from) trains in
+    the local pool's forked workers, which inherit it from the launching process."""
+    (tmp_path / "line_task.py").write_text(LINE_TASK)
+    (tmp_path / "grid.yaml").write_text(json.dumps({"grid": "cell", "seeds": 2, "tasks": {"cell_fit": {}}}))
+    (tmp_path / "launch.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from bench.cli import main
+            from experiments.registry import register_task
+            from line_task import Line
+
+            def notebook_cell():
+                return type("CellFit", (Line,), {"name": "cell_fit"})  # nowhere importable
+
+            if __name__ == "__main__":
+                register_task(notebook_cell())
+                sys.exit(main(["run", "grid.yaml", "--jobs", "2", "--no-progress", "--no-report"]))
+            """
+        )
+    )
+    env = os.environ | {"TRICKBENCH_WORKER_START": "fork"}
+    proc = subprocess.run(
+        [sys.executable, "launch.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc
+    assert "trained: 2 completed" in proc.stdout
