@@ -268,8 +268,10 @@ def _worker_main(
     threading.Thread(target=_watch_parent, args=(lifeline, parent_pid), name="watch-parent", daemon=True).start()
     _DEVICE = device
     try:
-        replay_registrations(plugin_records)  # tricks/tasks the launcher registered by code (register_*)
-        _warm_up(threads, task_names, device, forked=bool(inherited))
+        forked = bool(inherited)  # a forked worker has the launcher's registrations already, importable or not
+        if not forked:
+            replay_registrations(plugin_records)  # tricks/tasks the launcher registered by code (register_*)
+        _warm_up(threads, task_names, device, forked=forked)
         conn.send(("ready", os.getpid()))
         while not _stopped():
             msg = conn.recv()
