@@ -219,13 +219,14 @@ def test_forked_and_spawned_workers_train_the_same_bits(tmp_path: Path, monkeypa
 
 
 def test_start_method_forks_only_where_it_is_safe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fork on Linux for CPU runs; spawn for CUDA; the environment variable overrides, and a wrong value is an
-    error naming the variable and what is allowed."""
+    """fork on Linux for one-thread CPU runs; spawn for CUDA and for several threads per run; the environment
+    variable overrides, and a wrong value is an error naming the variable and what is allowed."""
     from bench.executors.local import WORKER_START_ENV, start_method
 
     monkeypatch.delenv(WORKER_START_ENV, raising=False)
     assert start_method("cpu") == ("fork" if sys.platform.startswith("linux") else "spawn")
     assert start_method("cuda") == start_method("cuda:1") == start_method("cpu", gpu_count=2) == "spawn"
+    assert start_method("cpu", threads=2) == "spawn"
     monkeypatch.setenv(WORKER_START_ENV, "spawn")
     assert start_method("cpu") == "spawn"
     monkeypatch.setenv(WORKER_START_ENV, "forkserver")
@@ -271,3 +272,21 @@ def test_a_forked_worker_holds_none_of_the_launchers_pipe_ends() -> None:
             with contextlib.suppress(OSError):
                 w.conn.send(None)
             w.process.join(30)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_launcher_that_already_ran_parallel_kernels_trains_its_grid(tmp_path: Path, threads: int) -> None:
+    """A launching process (a notebook, a script) that ran an OpenMP-parallel kernel before ``bench run``: its
+    grid trains with one thread per run (forked workers never enter a parallel region) and with two (spawned
+    workers: a forked child of such a process would hang in its first parallel region)."""
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump(FORK_SPEC | {"seeds": 1}))
+    code = (
+        "import sys, torch; torch.set_num_threads(2); x = torch.randn(1024, 1024); float((x @ x).sum())\n"
+        "from bench.cli import main\n"
+        f"sys.exit(main(['run', {str(spec)!r}, '--results', {str(tmp_path / 'results')!r}, '--jobs', '2', "
+        f"'--threads', '{threads}', '--no-progress', '--no-report']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRICKBENCH_WORKER_START"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0 and "trained: 2 completed" in proc.stdout, proc

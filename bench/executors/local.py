@@ -2,11 +2,11 @@
 
 Each worker process trains one run at a time with ``threads`` torch threads (default 1:
 parallelism comes from one run per core, and a run's numbers do not depend on where it ran).
-Workers start once per launch and stay warm across runs. On Linux with CPU runs they are forked
-from the launching process after it imported what they need (torch, the task modules, the
+Workers start once per launch and stay warm across runs. On Linux with one-thread CPU runs (the
+default) they are forked from the launching process after it imported what they need (torch, the task modules, the
 ``torch._dynamo`` import that the first optimizer step triggers: :func:`preload`), so those ~2
-CPU-s are paid once per launch, not once per worker; elsewhere (CUDA, other platforms) they are
-spawned and pay it each (:func:`start_method`). Either way what a worker holds after warming up
+CPU-s are paid once per launch, not once per worker; elsewhere (CUDA, several threads per run,
+other platforms) they are spawned and pay it each (:func:`start_method`). Either way what a worker holds after warming up
 is frozen out of the garbage collector (``gc.freeze``). The
 launching process talks to each worker over one pipe (runs out; progress and results back) —
 no ``multiprocessing.Manager`` server, no shared queue — and hands a run only to an idle worker.
@@ -109,12 +109,15 @@ def worker_device(index: int, gpu_count: int) -> str:
     return f"cuda:{index % gpu_count}"
 
 
-def start_method(device: str, gpu_count: int = 0) -> str:
-    """How pool workers start: ``fork`` on Linux for CPU runs, else ``spawn``; ``$TRICKBENCH_WORKER_START`` overrides.
+def start_method(device: str, gpu_count: int = 0, threads: int = 1) -> str:
+    """How pool workers start: ``fork`` on Linux for one-thread CPU runs, else ``spawn``; ``$TRICKBENCH_WORKER_START``
+    overrides.
 
     A forked worker starts with the launcher's imports (torch, the harness, the task modules, the optimizers'
-    lazy ``torch._dynamo``: :func:`preload`), ~2 CPU-s that a spawned worker pays again. Spawn where fork is
-    not safe: CUDA (a child cannot use a CUDA context its parent created) and platforms other than Linux.
+    lazy ``torch._dynamo``: :func:`preload`), ~2.5 CPU-s that a spawned worker pays again. Spawn where fork is
+    not safe: CUDA (a child cannot use a CUDA context its parent created), more than one torch thread per run
+    (a child of a process that already ran an OpenMP parallel region hangs in its first parallel region: GNU
+    OpenMP's thread pool does not survive fork; one thread never enters it), and platforms other than Linux.
     Results do not depend on it (every random number comes from the run's seed bundle; tested both ways).
     """
     forced = os.environ.get(WORKER_START_ENV, "")
@@ -123,7 +126,7 @@ def start_method(device: str, gpu_count: int = 0) -> str:
             raise ValueError(f"${WORKER_START_ENV}: {forced!r} is not allowed; allowed: fork, spawn")
         return forced
     cuda = device.startswith("cuda") or gpu_count > 0 or _cuda_initialized()
-    return "fork" if sys.platform.startswith("linux") and not cuda else "spawn"
+    return "fork" if sys.platform.startswith("linux") and not cuda and threads == 1 else "spawn"
 
 
 def _cuda_initialized() -> bool:
@@ -556,7 +559,7 @@ def run_pool(
     jobs = max(1, min(jobs, len(cells)))
     threads = threads or 1  # one thread per run: bit-identical to a resume on any executor
     grid_tricks = grid_tricks or {}
-    ctx = mp.get_context(start_method(device, gpu_count))
+    ctx = mp.get_context(start_method(device, gpu_count, threads))
     if ctx.get_start_method() == "fork":
         preload(sorted({c.task for item in cells for c in item_cells(item)}))
     runs = [c for item in cells for c in item_cells(item)]
