@@ -460,10 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     A closed output pipe (``bench status ... | head``) ends quietly with 141, as the Python
     docs recommend: stdout is pointed at devnull so that the interpreter's final flush is silent.
     """
+    exits_after = argv is None  # the `bench` command itself (not a caller in this process): the process ends next
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
-            status = _main(argv)
+            status = _main(argv, exits_after)
         except Exception as exc:  # a plugin that fails to load: name it, exit 2 (nothing was written)
             from tricks.plugins import PluginError
 
@@ -495,7 +496,7 @@ def plugin_error_message(exc: BaseException) -> str:
     return text + f"\n  (fix that plugin, or uninstall it: `pip uninstall {name}`)"
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], exits_after: bool = False) -> int:
     parser = build_parser(argv)
     args = _parse(parser, argv)
     if args.command is None:
@@ -538,19 +539,21 @@ def _main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(exits_after)
     return 0
 
 
-def _interrupted() -> int:
+def _interrupted(exits_after: bool) -> int:
     """Say that the launch was interrupted and give exit status 130.
 
-    The pool has already stopped and checkpointed; a further Ctrl-C (a user pressing twice, or a terminal
-    repeating it) while this is said is absorbed, so the exit status is 130 whatever the timing.
+    The pool has already stopped and checkpointed. When the process ends next (``exits_after``: the ``bench``
+    command), a further Ctrl-C (a user pressing twice, or a terminal repeating it) from here to the exit is
+    ignored, so the exit status is 130 whatever the timing; a caller in the same process (a notebook, a test)
+    keeps its Ctrl-C.
     """
     while True:
         try:
-            if threading.current_thread() is threading.main_thread():
+            if exits_after and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             print("interrupted; the store is consistent — run the same command again to resume", file=sys.stderr)
             return 130

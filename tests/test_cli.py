@@ -139,3 +139,21 @@ def test_store_files_honour_the_umask(tmp_path: Path, umask: int, mode: int) -> 
     finally:
         os.umask(old)
     assert [p.name for p in path.parent.iterdir()] == ["result.json"], "no temporary file left behind"
+
+
+def test_an_interrupted_command_ignores_further_ctrl_c_only_when_the_process_ends_next(capsys) -> None:
+    """``bench`` itself (the process exits next) ignores Ctrl-C from the interruption to its exit (exit status 130
+    whatever the timing); a caller of ``main(argv)`` in its own process (a notebook, a test) keeps its handler."""
+    import signal
+
+    from bench.cli import _interrupted
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        assert _interrupted(exits_after=False) == 130
+        assert signal.getsignal(signal.SIGINT) is before
+        assert _interrupted(exits_after=True) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert capsys.readouterr().err.count("interrupted; the store is consistent") == 2

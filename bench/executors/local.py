@@ -3,11 +3,11 @@
 Each worker process trains one run at a time with ``threads`` torch threads (default 1:
 parallelism comes from one run per core, and a run's numbers do not depend on where it ran).
 Workers start once per launch and stay warm across runs. On Linux with one-thread CPU runs (the
-default) they are forked from the launching process after it imported what they need (torch, the task modules, the
-``torch._dynamo`` import that the first optimizer step triggers: :func:`preload`), so those ~2
-CPU-s are paid once per launch, not once per worker; elsewhere (CUDA, several threads per run,
-other platforms) they are spawned and pay it each (:func:`start_method`). Either way what a worker holds after warming up
-is frozen out of the garbage collector (``gc.freeze``). The
+default) they are forked from the launching process after it imported what they need (torch, the
+task modules, the ``torch._dynamo`` import that the first optimizer step triggers: :func:`preload`),
+so those ~2.5 CPU-s are paid once per launch, not once per worker; elsewhere (CUDA, several threads
+per run, other platforms) they are spawned and pay them each (:func:`start_method`). Either way
+what a worker holds after warming up is frozen out of the garbage collector (``gc.freeze``). The
 launching process talks to each worker over one pipe (runs out; progress and results back) —
 no ``multiprocessing.Manager`` server, no shared queue — and hands a run only to an idle worker.
 
@@ -438,7 +438,7 @@ class _Worker:
             name=f"trickbench-worker-{index}",
             daemon=False,
         )
-        if forked:
+        if forked and gc.get_freeze_count() == 0:  # (a caller that froze objects itself keeps them frozen)
             gc.freeze()  # the worker's copy starts frozen (no collection walks, and dirties, the inherited objects)
             try:
                 self.process.start()
