@@ -457,6 +457,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 def main(argv: list[str] | None = None) -> int:
     """Run ``bench`` with ``argv`` (default: the command line); returns the exit status.
 
+    Called without ``argv`` it is the ``bench`` command: the process ends next, so after an interruption a
+    further Ctrl-C is ignored until then (exit status 130 whatever the timing). With ``argv`` (a script, a
+    notebook) the caller's Ctrl-C handling is left as it was.
+
     A closed output pipe (``bench status ... | head``) ends quietly with 141, as the Python
     docs recommend: stdout is pointed at devnull so that the interpreter's final flush is silent.
     """

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = (
     "import sys; from experiments.registry import register_task\n"
     "from tests.synthetic_task import Synthetic; register_task(Synthetic)\n"
-    "from bench.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    "from bench.cli import main; sys.exit(main())\n"  # as the `bench` console script calls it (argv from sys.argv)
 )
 #: runs of ~1.5-3 s on an idle core, a checkpoint every 200 steps (a few ms)
 LONG = {
