@@ -554,9 +554,8 @@ def lockstep_train(cells: Sequence[Cell], threads: int = 1) -> list[TimedRun]:
     return [TimedRun([], [], walls[i][keep], cpus[i][keep], results[i], {}) for i in range(n)]
 
 
-def _memory_run_in_child(task: str, tricks: dict[str, Any], steps: int, threads: int, seed: int) -> dict[str, Any]:
+def _memory_run_in_child(cell: Cell, threads: int) -> dict[str, Any]:
     """Runs in a fresh spawned process: one harness run; its peak memory and status."""
-    cell = perf_cell(task, tricks, steps=steps, seed=seed)
     run = harness_train(cell, threads)
     return {"peak_mem_mb": run.result["cost"]["peak_mem_mb"], "status": run.result["status"]}
 
@@ -580,8 +579,23 @@ def trick_costs(
 
     steps = steps or DEFAULT_STEPS.get(task, 100)
     names = list(tricks) if tricks is not None else list(applicable_tricks(get_task(task)))
-    arms = [("baseline", {})] + [(t, {t: None}) for t in names]
     base_cell = perf_cell(task, {}, steps=steps, seed=seed)
+    # each trick against a baseline on the same schedule: evaluation at the end only, or — for a trick whose card
+    # needs evaluations to act on (checkpoint averaging chooses among them) — TRICK_COST_EVALS of them
+    pairs: dict[str, tuple[Cell, Cell]] = {}
+    refused: dict[str, str] = {}
+    for name in names:
+        try:
+            pairs[name] = (base_cell, perf_cell(task, {name: None}, steps=steps, seed=seed))
+        except ValueError:
+            try:
+                train = {"eval_every_samples": _evaluation_spacing(task, steps, seed)}
+                pairs[name] = tuple(
+                    perf_cell(task, on, steps=steps, seed=seed, train=train) for on in ({}, {name: None})
+                )  # type: ignore[assignment]
+            except ValueError as exc:  # its defaults cannot act on a short timed run: said in the table, not timed
+                refused[name] = str(exc).splitlines()[-1].strip(" -")
+    arms = [("baseline", {})] + [(t, {t: None}) for t in names if t in pairs]
     base_runs: list[TimedRun] = []
     timed: dict[str, list[TimedRun]] = {a: [] for a, _ in arms}
     ratios: dict[str, list[tuple[float, float]]] = {a: [] for a, _ in arms}
@@ -591,8 +605,8 @@ def trick_costs(
         return statistics.mean(run.step_cpu_s if cpu else run.step_wall_s) / sps
 
     for r in range(repeats):
-        for arm, on in arms[1:]:
-            pair = [base_cell, perf_cell(task, on, steps=steps, seed=seed)]
+        for arm, _ in arms[1:]:
+            pair = list(pairs[arm])
             base, trick = lockstep_train(pair, threads) if r % 2 == 0 else lockstep_train(pair[::-1], threads)[::-1]
             base_runs.append(base)
             timed[arm].append(trick)
@@ -605,9 +619,9 @@ def trick_costs(
     memory: dict[str, list[dict[str, Any]]] = {a: [] for a, _ in arms}
     with ProcessPoolExecutor(max_workers=2, mp_context=ctx, max_tasks_per_child=1) as pool:  # a fresh process each
         futures = [
-            (arm, pool.submit(_memory_run_in_child, task, on, steps, threads, seed))
+            (arm, pool.submit(_memory_run_in_child, pairs[arm][1] if arm in pairs else base_cell, threads))
             for _ in range(repeats)
-            for arm, on in arms
+            for arm, _ in arms
         ]
         for arm, fut in futures:
             memory[arm].append(fut.result())
@@ -632,7 +646,18 @@ def trick_costs(
                 "mem_rel": round(mem / base_mem, 3) if base_mem > 0 else math.nan,
             }
         )
+    for name, why in refused.items():
+        rows.append({"task": task, "trick": name, "steps": steps, "repeats": 0, "status": f"not timed: {why}"})
     return rows
+
+
+TRICK_COST_EVALS = 4  # evaluations of a timed run whose trick needs them (both arms of its pair evaluate alike)
+
+
+def _evaluation_spacing(task: str, steps: int, seed: int) -> int:
+    """``eval_every_samples`` giving a ``steps``-step run of ``task`` :data:`TRICK_COST_EVALS` evaluations."""
+    probe = _validated(task, {}, {}, {}, seed)
+    return max(1, steps // TRICK_COST_EVALS) * _samples_per_step(task, probe["params"], probe["train"], seed)
 
 
 # ----------------------------------------------------------------------------------------------

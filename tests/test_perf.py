@@ -193,3 +193,16 @@ def test_lockstep_runs_take_turns_and_train_what_they_train_alone(
     monkeypatch.setattr(perf._Baton, "pass_on", recording)
     perf.lockstep_train([*cells[:2], perf_cell("toy_diffusion", {}, steps=6)])
     assert order == [0, 1, 2] * 6 + [0, 1] * 6
+
+
+@pytest.mark.slow
+def test_trick_costs_time_a_trick_that_needs_evaluations_against_a_baseline_on_its_schedule() -> None:
+    """``bench perf --only tricks``: checkpoint averaging's defaults (n: 3) cannot act on a run that evaluates only
+    at its end, so its pair — baseline and trick alike — evaluates TRICK_COST_EVALS times; the part completes."""
+    from bench.perf import trick_costs
+
+    rows = trick_costs("cifar_autoencoder", steps=4, repeats=1, tricks=["checkpoint_averaging", "ema"])
+    by_trick = {r["trick"]: r for r in rows}
+    assert set(by_trick) == {"baseline", "checkpoint_averaging", "ema"}
+    assert all(r["status"] == "completed" for r in rows), rows
+    assert by_trick["checkpoint_averaging"]["time_rel"] > 0
