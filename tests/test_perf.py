@@ -206,3 +206,20 @@ def test_trick_costs_time_a_trick_that_needs_evaluations_against_a_baseline_on_i
     assert set(by_trick) == {"baseline", "checkpoint_averaging", "ema"}
     assert all(r["status"] == "completed" for r in rows), rows
     assert by_trick["checkpoint_averaging"]["time_rel"] > 0
+
+
+def test_cluster_estimate_of_a_cifar10_grid_completes_offline(tmp_path: Path) -> None:
+    """``bench perf --only scaling`` ends with the 1,000-run GPU estimate of every shipped ``*_full.yaml`` grid;
+    ``cifar_full.yaml`` trains on CIFAR-10, which this machine cannot download: the estimate counts its ops on
+    the offline image set (same shapes) instead of failing the benchmark. (A small grid of the same kind.)"""
+    import yaml
+
+    from bench.perf import cluster_estimate
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments/grids/cifar_full.yaml").read_text())
+    assert shipped["tasks"]["cifar_autoencoder"]["params"]["data"] == "cifar10"
+    grid = tmp_path / "cifar_small.yaml"
+    small = {"data": "cifar10", "train_size": 256, "test_size": 64}
+    grid.write_text(yaml.safe_dump({"grid": "cifar-small", "tasks": {"cifar_autoencoder": {"params": small}}}))
+    rows = cluster_estimate([grid])
+    assert rows and all(r["grid"] == grid.name and r["est_gpu_run_s"] > 0 for r in rows)
