@@ -949,11 +949,7 @@ class _Group:
 
     def step_optimizer(self) -> None:
         """One optimizer step of the stacked weights (every seed's), then gradients zeroed."""
-        self.optimizer.step()
-        if self.flat_grads is not None:
-            self.flat_grads.zero_()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        _step_and_zero(self.optimizer, self.flat_grads)
 
 
 class _OneRun:
@@ -1011,11 +1007,16 @@ class _OneRun:
 
     def step_optimizer(self) -> None:
         """One optimizer step, then gradients zeroed (the flat buffer in one kernel)."""
-        self.optimizer.step()
-        if self.flat is not None:
-            self.flat.zero_()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        _step_and_zero(self.optimizer, self.flat)
+
+
+def _step_and_zero(optimizer: torch.optim.Optimizer, flat: FlatGrads | None) -> None:
+    """``optimizer.step()``, then the gradients zeroed: the flat buffer in one kernel, else set to None."""
+    optimizer.step()
+    if flat is not None:
+        flat.zero_()
+    else:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _loop(members: list[_Trainer], arithmetic: _OneRun | _Group) -> list[dict[str, Any]]:

@@ -327,8 +327,13 @@ def _train(
         result = run_one(cell, Path(results_root), ctx, grid_tricks, wandb_cfg=wandb_cfg, job_id=job_id)
     except Exception as exc:  # outside training (train_cell records those): e.g. the results folder is unwritable
         return {"run_id": cell.run_id, "status": "failed", "error": repr(exc), "step": None}
+    return _reply(cell.run_id, result)
+
+
+def _reply(run_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """What a worker sends back for one run: its status and what the launching process reports of it."""
     return {
-        "run_id": cell.run_id,
+        "run_id": run_id,
         "status": result["status"],
         "error": result.get("error"),
         "step": result.get("step"),
@@ -366,17 +371,7 @@ def _train_group(
         results = run_group(cells, Path(results_root), ctx, grid_tricks, wandb_cfg, job_id, progress=progress)
     except Exception as exc:  # outside training (train_group_cells records those)
         return [{"run_id": c.run_id, "status": "failed", "error": repr(exc), "step": None} for c in cells]
-    return [
-        {
-            "run_id": c.run_id,
-            "status": r["status"],
-            "error": r.get("error"),
-            "step": r.get("step"),
-            "holder": r.get("holder"),
-            "skipped": bool(r.get("skipped")),
-        }
-        for c, r in zip(cells, results)
-    ]
+    return [_reply(c.run_id, r) for c, r in zip(cells, results)]
 
 
 # --- the launching process ---------------------------------------------------------------------------------
