@@ -111,7 +111,10 @@ def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bench.executors.local import worker_start_override
+
     spec_path, overrides, selection = run_inputs(args)
+    worker_start_override()  # a wrong $TRICKBENCH_WORKER_START: exit 2 before anything is written
     # SpecError / ValueError here: nothing written
     launch = plan(spec_path, args.results, overrides, selection, max_runs=_max_runs(args), rerun_stale=args.rerun_stale)
     if args.jobs is not None and args.jobs < 1:

@@ -290,3 +290,16 @@ def test_a_launcher_that_already_ran_parallel_kernels_trains_its_grid(tmp_path: 
     env = {k: v for k, v in os.environ.items() if k != "TRICKBENCH_WORKER_START"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0 and "trained: 2 completed" in proc.stdout, proc
+
+
+def test_a_wrong_worker_start_method_is_exit_2_with_nothing_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``$TRICKBENCH_WORKER_START`` other than fork/spawn: ``bench run`` says so (the variable, the value, what is
+    allowed) and writes nothing."""
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump(FORK_SPEC))
+    monkeypatch.setenv("TRICKBENCH_WORKER_START", "forkk")
+    assert main(["run", str(spec), "--results", str(tmp_path / "results"), "--no-progress"]) == 2
+    assert "$TRICKBENCH_WORKER_START: 'forkk' is not allowed; allowed: fork, spawn" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

@@ -72,6 +72,7 @@ __all__ = [
     "run_pool",
     "start_method",
     "worker_device",
+    "worker_start_override",
 ]
 
 ORPHAN_GRACE_ENV = "TRICKBENCH_ORPHAN_GRACE_S"
@@ -120,13 +121,20 @@ def start_method(device: str, gpu_count: int = 0, threads: int = 1) -> str:
     OpenMP's thread pool does not survive fork; one thread never enters it), and platforms other than Linux.
     Results do not depend on it (every random number comes from the run's seed bundle; tested both ways).
     """
-    forced = os.environ.get(WORKER_START_ENV, "")
-    if forced:
-        if forced not in ("fork", "spawn"):
-            raise ValueError(f"${WORKER_START_ENV}: {forced!r} is not allowed; allowed: fork, spawn")
+    forced = worker_start_override()
+    if forced is not None:
         return forced
     cuda = device.startswith("cuda") or gpu_count > 0 or _cuda_initialized()
     return "fork" if sys.platform.startswith("linux") and not cuda and threads == 1 else "spawn"
+
+
+def worker_start_override() -> str | None:
+    """``$TRICKBENCH_WORKER_START`` (fork or spawn), None when unset; ``ValueError`` naming it when it is neither
+    (``bench run`` checks it before anything is written)."""
+    forced = os.environ.get(WORKER_START_ENV, "")
+    if forced and forced not in ("fork", "spawn"):
+        raise ValueError(f"${WORKER_START_ENV}: {forced!r} is not allowed; allowed: fork, spawn")
+    return forced or None
 
 
 def _cuda_initialized() -> bool:
