@@ -111,7 +111,7 @@ def _slurm_todo(launch: LaunchPlan, options: SlurmOptions) -> list:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.executors.local import worker_start_override
+    from bench.executors.start import worker_start_override
 
     spec_path, overrides, selection = run_inputs(args)
     worker_start_override()  # a wrong $TRICKBENCH_WORKER_START: exit 2 before anything is written

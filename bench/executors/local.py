@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from bench import lease
 from bench.executors.group import WorkItem, item_cells, run_group, work_items
+from bench.executors.start import WORKER_START_ENV, worker_start_override
 from bench.executors.worker import run_one
 from bench.grid import Cell
 from bench.plugins import replay_registrations
@@ -76,7 +77,6 @@ __all__ = [
 ]
 
 ORPHAN_GRACE_ENV = "TRICKBENCH_ORPHAN_GRACE_S"
-WORKER_START_ENV = "TRICKBENCH_WORKER_START"  # fork | spawn: how pool workers start (default: start_method)
 ORPHAN_GRACE_S = 5.0  # an orphaned worker's run has this long to reach a step boundary and checkpoint
 PARENT_POLL_S = 0.5  # a worker checks its parent at least this often (the pipe wakes it at once)
 POOL_POLL_S = 0.25  # the launching process checks its stop conditions at least this often
@@ -126,15 +126,6 @@ def start_method(device: str, gpu_count: int = 0, threads: int = 1) -> str:
         return forced
     cuda = device.startswith("cuda") or gpu_count > 0 or _cuda_initialized()
     return "fork" if sys.platform.startswith("linux") and not cuda and threads == 1 else "spawn"
-
-
-def worker_start_override() -> str | None:
-    """``$TRICKBENCH_WORKER_START`` (fork or spawn), None when unset; ``ValueError`` naming it when it is neither
-    (``bench run`` checks it before anything is written)."""
-    forced = os.environ.get(WORKER_START_ENV, "")
-    if forced and forced not in ("fork", "spawn"):
-        raise ValueError(f"${WORKER_START_ENV}: {forced!r} is not allowed; allowed: fork, spawn")
-    return forced or None
 
 
 def _cuda_initialized() -> bool:
