@@ -773,7 +773,12 @@ def data_residency(task: str, device: str = "cpu", seed: int = 0) -> dict[str, A
 
 
 def vectorized_speed(
-    seeds: int = 8, steps: int = 300, repeats: int = 3, threads: int = 1, params: dict[str, Any] | None = None
+    seeds: int = 8,
+    steps: int = 300,
+    repeats: int = 3,
+    threads: int = 1,
+    params: dict[str, Any] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``seeds`` toy_diffusion runs: one seed-vectorized group (:func:`bench.loop.train_group`) against the
     same runs one after another (:func:`bench.loop.train`), in this process.
@@ -782,6 +787,7 @@ def vectorized_speed(
     (warm-up) is dropped. Training time (the runs' ``cost.train_s`` summed) and total time (building
     tasks and models, training, the final evaluation, writing the run folders) are reported, and the
     largest per-seed difference of the final metric (0 when the group computed the runs' numbers).
+    On ``device`` cuda every run ends by reading its metrics back, so the times include the GPU's work.
     """
     from bench.grid import expand
     from bench.loop import RunContext, train, train_group
@@ -804,11 +810,13 @@ def vectorized_speed(
             for kind in order:
                 t0 = time.perf_counter()
                 if kind == "vec":
-                    vec = train_group(cells, [Path(tmp) / "vec" / c.run_id for c in cells], RunContext(threads=threads))
+                    ctx = RunContext(device=device, threads=threads)
+                    vec = train_group(cells, [Path(tmp) / "vec" / c.run_id for c in cells], ctx)
                     vec_total.append(time.perf_counter() - t0)
                     vec_train.append(sum(v["cost"]["train_s"] for v in vec))
                 else:
-                    seq = [train(c, Path(tmp) / "seq" / c.run_id, RunContext(threads=threads)) for c in cells]
+                    ctx = RunContext(device=device, threads=threads)
+                    seq = [train(c, Path(tmp) / "seq" / c.run_id, ctx) for c in cells]
                     seq_total.append(time.perf_counter() - t0)
                     seq_train.append(sum(s["cost"]["train_s"] for s in seq))
         for s, v in zip(seq, vec):
@@ -816,6 +824,7 @@ def vectorized_speed(
     med = statistics.median
     return {
         "task": "toy_diffusion",
+        "device": device,
         "seeds": seeds,
         "steps": vec[0]["cost"]["steps"],
         "batch_size": cells[0].config["train"]["batch_size"],
@@ -1036,7 +1045,7 @@ def throughput_spec(seeds: int = 8, steps: int = 200, tricks: Sequence[str] = GR
     }
 
 
-def bare_grid(spec: dict[str, Any], threads: int = 1) -> dict[str, float]:
+def bare_grid(spec: dict[str, Any], threads: int = 1, device: str = "cpu") -> dict[str, float]:
     """Every run of ``spec`` by :class:`BareLoop` then one final evaluation, one after another in this process.
 
     Returns the process CPU and wall seconds of those loops alone (task and model construction, steps,
@@ -1048,7 +1057,7 @@ def bare_grid(spec: dict[str, Any], threads: int = 1) -> dict[str, float]:
     torch.set_num_threads(threads)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for cell in cells:
-        bare = BareLoop(cell, threads)
+        bare = BareLoop(cell, threads, device)
         for _ in range(bare.steps):
             bare.step()
         bare.evaluate()
@@ -1082,11 +1091,13 @@ def grid_throughput(
     vectorize: int = 8,
     tricks: Sequence[str] = GRID_TRICKS,
     threads: int = 1,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """A ``2**len(tricks)``-arm × ``seeds``-seed toy_diffusion grid, three ways, each in fresh processes:
 
     - ``bench run`` (local executor, ``jobs`` workers, no report): wall time, and the CPU time of the
-      launching process and everything it started (``RUSAGE_CHILDREN``: workers, the manager);
+      launching process and everything it started (``RUSAGE_CHILDREN``: its workers); on ``device`` cuda
+      ``--device cuda --runs-per-gpu jobs`` (``jobs`` runs share the one GPU);
     - the same with ``--vectorize-seeds`` ``vectorize``;
     - the bare loops of the same runs (:func:`bare_grid`, in a fresh Python): their CPU time.
 
@@ -1114,7 +1125,7 @@ def grid_throughput(
                 if kind == "bare":
                     code = (
                         "import json, sys; from bench.perf import bare_grid; "
-                        f"print(json.dumps(bare_grid(json.loads(sys.argv[1]), {threads})))"
+                        f"print(json.dumps(bare_grid(json.loads(sys.argv[1]), {threads}, {device!r})))"
                     )
                     wall, cpu, out = _timed_child([sys.executable, "-c", code, json.dumps(spec)], folder)
                     loops = json.loads(out.strip().splitlines()[-1])
@@ -1125,7 +1136,9 @@ def grid_throughput(
                 flags = ["--vectorize-seeds", str(vectorize)] if kind == "vectorized" else []
                 results = folder / f"results-{r}-{kind}"
                 argv = [sys.executable, "-m", "bench.cli", "run", str(spec_path), "--results", str(results)]
-                argv += ["--jobs", str(jobs), "--threads", str(threads), "--no-report", "--no-progress", *flags]
+                on_gpu = ["--device", device, "--runs-per-gpu", str(jobs)]
+                parallel = ["--jobs", str(jobs)] if device == "cpu" else on_gpu
+                argv += [*parallel, "--threads", str(threads), "--no-report", "--no-progress", *flags]
                 wall, cpu, out = _timed_child(argv, folder)
                 if f"trained: {runs} completed" not in out:
                     raise RuntimeError(f"bench run {' '.join(flags)}: not every run completed: {out[-400:]}")
@@ -1161,6 +1174,7 @@ def grid_throughput(
                 "runs": runs,
                 "steps_per_run": steps,
                 "jobs": jobs,
+                "device": device,
             }
         )
     return rows
@@ -1266,6 +1280,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="parent folder of the results: each invocation writes a new <out>/<date-time>/ (default: "
         "./benchmarks-out)",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the vectorized and grid parts train (default cpu; cuda: the grid's runs share one GPU, "
+        "--grid-jobs at a time); the other parts measure CPU steps only",
+    )
     parser.add_argument("--quick", action="store_true", help="a fast smoke pass (few steps and repeats; noisy)")
 
 
@@ -1283,6 +1304,16 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 3:
         raise ValueError(f"--steps: {args.steps} is not allowed; allowed: ≥ 3 (first and last steps are not timed)")
     repeats, trick_repeats = (2, 1) if args.quick else (args.repeats, args.trick_repeats)
+    device = getattr(args, "device", "cpu")
+    if device != "cpu":
+        cpu_only = [p for p in args.only if p not in ("vectorized", "grid")]
+        if cpu_only:
+            raise ValueError(
+                f"--device: {device!r} is not allowed with --only {' '.join(cpu_only)}; allowed: cpu, or --only "
+                "vectorized grid (the other parts time CPU steps)"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {device!r} is not allowed here: CUDA is not available")
 
     def steps_for(task: str, table: dict[str, int] = DEFAULT_STEPS) -> int:
         base = args.steps or table.get(task, 100)
@@ -1310,6 +1341,7 @@ def run(args: argparse.Namespace) -> int:
             if "grid" in args.only
             else ""
         )
+        + (f" --device {device}" if device != "cpu" else "")
         + (" --quick" if args.quick else "")
     )
     header += f"\n- command: bench perf {options}\n\n"
@@ -1379,7 +1411,7 @@ def run(args: argparse.Namespace) -> int:
         emit("data", "Where the training data lives", [data_residency(t) for t in tasks])
     if "vectorized" in args.only:
         vec_steps = max(10, steps_for("toy_diffusion"))
-        row = vectorized_speed(args.vectorized_seeds, vec_steps, max(1, repeats - 1), args.threads)
+        row = vectorized_speed(args.vectorized_seeds, vec_steps, max(1, repeats - 1), args.threads, device=device)
         emit(
             "vectorized",
             "Seed-vectorized training (bench.loop.train_group) vs the same runs one after another",
@@ -1394,7 +1426,9 @@ def run(args: argparse.Namespace) -> int:
             if args.quick
             else {"seeds": args.grid_seeds, "steps": args.grid_steps, "repeats": args.grid_repeats}
         )
-        rows = grid_throughput(jobs=grid_jobs, vectorize=args.vectorized_seeds, threads=args.threads, **grid_kw)
+        rows = grid_throughput(
+            jobs=grid_jobs, vectorize=args.vectorized_seeds, threads=args.threads, device=device, **grid_kw
+        )
         emit(
             "grid",
             "Grid throughput: bench run vs the bare training loops of its runs, and seed-vectorized",

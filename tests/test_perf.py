@@ -125,6 +125,16 @@ def test_bench_perf_grid_part_runs_end_to_end(tmp_path: Path, capsys: pytest.Cap
     assert "CPU ratio: bench run / bare loops" in rows and "speedup, wall" in rows
 
 
+def test_perf_device_is_refused_where_it_cannot_act(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the CPU-step parts would time a GPU run as if it were CPU steps: --device cuda is only for vectorized/grid
+    assert main(["perf", "--device", "cuda", "--only", "parity", "grid", "--out", str(tmp_path)]) == 2
+    assert "--device: 'cuda' is not allowed with --only parity" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["perf", "--device", "cuda", "--only", "grid", "--out", str(tmp_path)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_runs_per_gpu_with_cpu_is_a_clear_error(tmp_path: Path) -> None:
     cells = _seed_cells({}, seeds=2)
     with pytest.raises(ValueError, match=r"--runs-per-gpu: 2 is not allowed with --device 'cpu'"):
