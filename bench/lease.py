@@ -342,11 +342,21 @@ def acquire(run_dir: Path, job_id: str | None = None) -> Lease:
             reason = _stale_reason(seen, os.stat(tmp).st_mtime - st.st_mtime, me, ttl)
             if reason is None:
                 raise LeaseHeld(run_dir, seen | {"heartbeat_age_s": max(0.0, time.time() - st.st_mtime)})
-            if not _take_over(tmp, path, takeover, (seen, st), me, ttl):
+            outcome = _take_over(tmp, path, takeover, (seen, st), me, ttl)
+            if outcome is None:
                 continue
-            lease = Lease(run_dir, me, os.stat(tmp), beat)
-            lease.log("takeover", reason=reason, previous={k: seen.get(k) for k in ("host", "pid", "job_id", "since")})
-            return lease
+            # logged by whoever removed the stale lease, also when another process links a lease into the
+            # freed place first (then that one holds it and this attempt goes on to find it live)
+            _append_log(
+                run_dir,
+                "takeover",
+                **{k: me[k] for k in ("host", "pid", "job_id")},
+                reason=reason,
+                previous={k: seen.get(k) for k in ("host", "pid", "job_id", "since")},
+                won=outcome,
+            )
+            if outcome:
+                return Lease(run_dir, me, os.stat(tmp), beat)
         raise LeaseHeld(run_dir, seen or {"host": "?", "pid": None})
     finally:
         tmp.unlink(missing_ok=True)
@@ -359,8 +369,13 @@ def _take_over(
     stale: tuple[dict[str, Any], os.stat_result],
     me: dict[str, Any],
     ttl: float,
-) -> bool:
-    """Replace the stale lease file ``stale`` by ours, holding the takeover lock; False if anything moved meanwhile."""
+) -> bool | None:
+    """Replace the stale lease file ``stale`` by ours, holding the takeover lock.
+
+    None: nothing done (another taker holds the lock, or the lease moved since it was judged stale). True: the
+    stale lease was removed and ours is in its place. False: the stale lease was removed, and a process that
+    was not taking over (it saw no lease at all) linked its own in between.
+    """
     if not _link(tmp, takeover):
         other = _read(takeover)
         if other is not None:  # another taker is at it; only a dead one's lock is cleared (then try again)
@@ -368,10 +383,10 @@ def _take_over(
             if _stale_reason(rec, os.stat(tmp).st_mtime - st.st_mtime, me, ttl) is not None and _is(takeover, rec, st):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(takeover)
-        return False
+        return None
     try:
         if not _is(path, *stale):
-            return False  # released or taken over by someone else since we judged it
+            return None  # released or taken over by someone else since we judged it
         os.unlink(path)
         return _link(tmp, path)
     finally:

@@ -645,6 +645,7 @@ class _Trainer:
         weights, recompute = chooser.weights(self.model, final) if chooser is not None else (self.model, False)
         metrics, used = self._evaluate_weights(weights, recompute, final)
         if final:
+            self._final_task_metrics = dict(metrics)  # the task's own numbers, before the loop adds raw_<metric>
             if used is not self.model and self.metric in metrics:
                 raw, _ = self._evaluate_weights(self.model, False, final, recalibrate=False)
                 metrics[f"raw_{self.metric}"] = raw[self.metric]
@@ -655,10 +656,14 @@ class _Trainer:
         """The last point of the learning curve: the final evaluated weights measured the way every
         intermediate evaluation measures (``final=False``; a task may use a larger sample at the final
         evaluation, a different estimator that would make every curve jump at its last point). The
-        primary metric's value at the final evaluation stays in result.json."""
+        primary metric's value at the final evaluation stays in result.json. When the task says its final
+        evaluation measured those numbers already (:meth:`Task.intermediate_from_final`), no second evaluation."""
         used = getattr(self, "_final_eval_model", None)
         if used is None:
             return final_metrics
+        derived = self.task.intermediate_from_final(dict(self._final_task_metrics))
+        if derived is not None:
+            return derived
         metrics, _ = self._evaluate_weights(used, False, final=False, recalibrate=False)
         return metrics
 

@@ -1426,6 +1426,7 @@ def run(args: argparse.Namespace) -> int:
             if args.quick
             else {"seeds": args.grid_seeds, "steps": args.grid_steps, "repeats": args.grid_repeats}
         )
+        launch = f"--jobs {grid_jobs}" if device == "cpu" else f"--device {device} --runs-per-gpu {grid_jobs}"
         rows = grid_throughput(
             jobs=grid_jobs, vectorize=args.vectorized_seeds, threads=args.threads, device=device, **grid_kw
         )
@@ -1435,7 +1436,7 @@ def run(args: argparse.Namespace) -> int:
             rows,
             f"toy_diffusion, full factorial of {', '.join(grid_kw.get('tricks', GRID_TRICKS))} (task-role tricks: "
             "the bare loop trains every arm as the harness does), evaluation at the end only. bench run: a fresh "
-            f"`bench run --jobs {grid_jobs} --no-report` (CPU = that process and every process it waited for: "
+            f"`bench run {launch} --no-report` (CPU = that process and every process it waited for: "
             "workers); bare loops: BareLoop + one final evaluation per run, one after another in a fresh "
             "Python, CPU of the loops alone (imports excluded), and of that whole process (interpreter start and "
             "imports paid once, as by bench run: the `bare process` ratio). The three "

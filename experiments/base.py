@@ -200,6 +200,18 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, final: bool) -> dict[str, float]:
         """Metrics of ``model`` (already in eval mode). ``final`` = the last evaluation of the run."""
 
+    def intermediate_from_final(self, final_metrics: dict[str, float]) -> dict[str, float] | None:
+        """What ``evaluate(model, final=False)`` returns for the model that ``evaluate(model, final=True)`` just
+        measured as ``final_metrics`` — when the final evaluation already measured it the same way (same data,
+        same streams) — or None (the default) when it did not.
+
+        The loop asks right after a run's final evaluation, for the learning curve's last point (measured like
+        every intermediate point); None makes it evaluate the model once more. Optional: a task whose final
+        evaluation uses a larger sample or other estimators keeps the default. ``tests/test_trick_registry.py``
+        checks every task's answer against a real intermediate evaluation.
+        """
+        return None
+
     def bn_batches(self) -> Iterator[Any]:
         """Training inputs for BatchNorm recalibration (precise BN, averaged weights)."""
         raise NotImplementedError(f"task {self.name} has no BatchNorm batches")

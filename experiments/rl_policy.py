@@ -580,6 +580,10 @@ class RLPolicy(Task):
         auc = sum(self.train_returns) / len(self.train_returns) if self.train_returns else float("nan")
         return {"eval_return": sum(returns) / n, "train_return_auc": auc, "episodes": float(len(self.train_returns))}
 
+    def intermediate_from_final(self, final_metrics: dict[str, float]) -> dict[str, float] | None:
+        # the same episodes only when both evaluations play all of them (fewer: a smaller batched forward)
+        return dict(final_metrics) if self.p["eval_episodes_intermediate"] == self.p["eval_episodes"] else None
+
     def render_outputs(self, model: nn.Module, path: Path) -> bool:
         """Two panels: training-episode returns over environment steps, and the evaluation episodes' returns."""
         import matplotlib

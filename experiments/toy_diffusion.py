@@ -525,6 +525,15 @@ class ToyDiffusion(Task):
             out |= self._final_checks(model, n, truth, samples)
         return out
 
+    #: what only the final evaluation measures (:meth:`_final_checks`)
+    FINAL_ONLY = frozenset({"swd_floor", "cond_sensitivity", "swd_to_augmented", "swd_clean_to_augmented"})
+
+    def intermediate_from_final(self, final_metrics: dict[str, float]) -> dict[str, float] | None:
+        # the same sample size means the same true points and sampler noise (streams keyed by the size)
+        if self.p["final_samples_per_class"] != self.p["eval_samples_per_class"]:
+            return None
+        return {k: v for k, v in final_metrics.items() if k not in self.FINAL_ONLY}
+
     def _final_checks(
         self, model: nn.Module, n: int, truth: tuple[Tensor, Tensor], samples: Tensor
     ) -> dict[str, float]:
