@@ -201,6 +201,34 @@ def _check_card(trick: str) -> Iterator[CheckResult]:
     yield CheckResult("card", "-", trick, not problems, "; ".join(problems))
 
 
+def intermediate_hook_agrees(config: dict[str, Any], seed: int = 0) -> tuple[bool | None, str]:
+    """Whether a task's ``intermediate_from_final`` equals a real intermediate evaluation after the final one.
+
+    Built and evaluated at ``config`` (a run config) with a freshly initialised model: (None, "") when the
+    hook answers None there, (True, "") when it equals ``evaluate(model, False)`` exactly (NaN = NaN), else
+    (False, what differs).
+    """
+    import torch
+
+    from bench.loop import build_task
+    from bench.seeds import SeedBundle
+
+    task, _ = build_task(config, SeedBundle(seed), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = task.build_model().eval()
+    with torch.no_grad():
+        derived = task.intermediate_from_final(dict(task.evaluate(model, True)))
+        real = task.evaluate(model, False)
+    if derived is None:
+        return None, ""
+    keys = derived.keys() ^ real.keys()
+    if keys:
+        return False, f"keys differ from evaluate(model, final=False): {sorted(keys)}"
+    off = [k for k in real if not (derived[k] == real[k] or (derived[k] != derived[k] and real[k] != real[k]))]
+    return (not off), (f"values differ for {off}" if off else "")
+
+
 def _check_task(task: str, workdir: Path) -> Iterator[CheckResult]:
     """The task alone: a tiny setting, its primary metric reported, bit-exact resume with no trick on."""
     import torch
@@ -231,6 +259,9 @@ def _check_task(task: str, workdir: Path) -> Iterator[CheckResult]:
         has_metric,
         "" if has_metric else f"evaluate() returned {sorted(full['metric'])}, not the primary metric {cls.metric!r}",
     )
+    agrees, why = intermediate_hook_agrees(cell.config, cell.seed)
+    if agrees is not None:  # the curve's last point taken from the final evaluation: must be what it measures
+        yield CheckResult("intermediate_from_final", task, "-", agrees, why)
     out = workdir / "resumed" / cell.run_id
     train(cell, out, RunContext(threads=1, max_steps=full["cost"]["steps"] // 2))
     resumed = train(cell, out, RunContext(threads=1))
@@ -267,6 +298,10 @@ def _check_cell(task: str, trick: str, workdir: Path) -> Iterator[CheckResult]:
     yield CheckResult("smoke", task, trick, ok, "" if ok else f"status {full['status']}, result {full}")
     if not ok:
         return
+    if card.role == "task":  # a task-role trick may change what the evaluations measure
+        agrees, why = intermediate_hook_agrees(cell.config, cell.seed)
+        if agrees is not None:
+            yield CheckResult("intermediate_from_final", task, trick, agrees, why)
     out = workdir / "resumed" / cell.run_id
     train(cell, out, RunContext(threads=1, max_steps=full["cost"]["steps"] // 2))
     resumed = train(cell, out, RunContext(threads=1))

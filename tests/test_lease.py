@@ -89,6 +89,7 @@ def test_live_holder_in_another_process_is_respected_and_a_killed_one_taken_over
     taken = lease.acquire(tmp_path)
     (takeover,) = [e for e in lease.read_log(tmp_path) if e["event"] == "takeover"]
     assert takeover["previous"]["pid"] == proc.pid and "is gone" in takeover["reason"]
+    assert takeover["won"] is True and takeover["pid"] == os.getpid()  # logged by the taker, which holds it
     taken.release()
 
 
