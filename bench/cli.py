@@ -199,7 +199,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="with --device cuda: train N runs at once on each GPU — each visible GPU (local; replaces --jobs) "
-        "or each GPU of an array task (slurm; --runs-per-task defaults to N × --slurm-gpus-per-run)",
+        "or each GPU of an array task (slurm; --runs-per-task defaults to N × --slurm-gpus-per-run). Processes "
+        "sharing a GPU take turns: for short runs, --vectorize-seeds S with N = 1 or 2 trains as fast on a "
+        "fraction of the CPU (README, Performance)",
     )
     p.add_argument(
         "--vectorize-seeds",
