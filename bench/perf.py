@@ -803,6 +803,7 @@ def vectorized_speed(
     )
     cells = expand(spec)
     torch.set_num_threads(threads)
+    ctx = RunContext(device=device, threads=threads)
     seq_total, seq_train, vec_total, vec_train, max_metric_diff = [], [], [], [], 0.0
     for r in range(repeats + 1):
         order = ("vec", "seq") if r % 2 == 0 else ("seq", "vec")
@@ -810,12 +811,10 @@ def vectorized_speed(
             for kind in order:
                 t0 = time.perf_counter()
                 if kind == "vec":
-                    ctx = RunContext(device=device, threads=threads)
                     vec = train_group(cells, [Path(tmp) / "vec" / c.run_id for c in cells], ctx)
                     vec_total.append(time.perf_counter() - t0)
                     vec_train.append(sum(v["cost"]["train_s"] for v in vec))
                 else:
-                    ctx = RunContext(device=device, threads=threads)
                     seq = [train(c, Path(tmp) / "seq" / c.run_id, ctx) for c in cells]
                     seq_total.append(time.perf_counter() - t0)
                     seq_train.append(sum(s["cost"]["train_s"] for s in seq))
@@ -1304,7 +1303,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 3:
         raise ValueError(f"--steps: {args.steps} is not allowed; allowed: ≥ 3 (first and last steps are not timed)")
     repeats, trick_repeats = (2, 1) if args.quick else (args.repeats, args.trick_repeats)
-    device = getattr(args, "device", "cpu")
+    device = args.device
     if device != "cpu":
         cpu_only = [p for p in args.only if p not in ("vectorized", "grid")]
         if cpu_only:
